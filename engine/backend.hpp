@@ -1,0 +1,43 @@
+#pragma once
+// The internal backend interface. A Session owns one Executor, made for a model, a batch size, a
+// precision and a sample size. Host interfaces carry no device types.
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "ddim/session.hpp"
+#include "kernels/ddim_step.h"
+
+namespace ddim {
+
+struct ExecutorContext {
+  std::shared_ptr<const Model> model;
+  int height = 0, width = 0;
+};
+
+// Everything a backend needs to run a whole DDIM sampling loop, prepared on the host.
+struct SampleJob {
+  std::vector<int> timesteps;                 // S visited timesteps, sampling order
+  std::vector<DdimStepParams> steps;          // S per-step parameters (float, shared math)
+  std::vector<std::uint64_t> seeds;           // N per-sample seeds
+  std::span<const float> x_T;                 // empty: from the seeds
+  std::span<const float> noise;               // empty: from the seeds (when sigma > 0)
+  bool thresholding = false;
+  float dynamic_thresholding_ratio = 0.995f;
+  float sample_max_value = 1.0f;
+  bool want_trajectory = false, want_x0 = false;
+  ProgressCallback progress;
+};
+
+class Executor {
+ public:
+  virtual ~Executor() = default;
+  // One forward pass: x (N, C, H, W) host, t one per sample; out (N, C_out, H, W) host.
+  virtual void forward(std::span<const float> x, std::span<const int> t, std::span<float> out) = 0;
+  // The whole sampling loop; fills images (and trajectory / x0 when asked).
+  virtual void sample(const SampleJob& job, SampleResult& result) = 0;
+  virtual const PlanInfo& plan_info() const = 0;
+};
+
+}  // namespace ddim

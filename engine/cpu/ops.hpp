@@ -1,0 +1,69 @@
+#pragma once
+// CPU reference kernels, fp32, NCHW (PyTorch's layout), batch-independent arithmetic: the result
+// for one sample never depends on the batch size or on the sample's position in the batch.
+// Shapes in comments: x: (N, C, H, W). `pool` may be null (single-threaded).
+#include <cstddef>
+#include <cstdint>
+
+namespace ddim::cpu {
+
+class ThreadPool;
+
+// C[M,N] (+)= A[M,K] * B[K,N]; row-major with leading dimensions. accumulate: add to C.
+void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
+          bool accumulate, ThreadPool* pool);
+
+struct Conv2dShape {
+  int n, cin, h, w;       // input
+  int cout, kh, kw;       // weight (cout, cin, kh, kw)
+  int stride_h, stride_w;
+  int pad_t, pad_b, pad_l, pad_r;  // zero padding
+  int out_h() const { return (h + pad_t + pad_b - kh) / stride_h + 1; }
+  int out_w() const { return (w + pad_l + pad_r - kw) / stride_w + 1; }
+};
+// Floats of scratch conv2d needs (im2col buffer); 0 for 1x1 stride-1 unpadded convolutions.
+std::size_t conv2d_scratch_floats(const Conv2dShape& s, ThreadPool* pool);
+// y: (n, cout, out_h, out_w) = conv(x) + bias (bias may be null).
+void conv2d(const Conv2dShape& s, const float* x, const float* weight, const float* bias, float* y, float* scratch,
+            ThreadPool* pool);
+
+// y: (n, out) = x (n, in) * W^T + b; weight (out, in) as PyTorch's Linear; bias may be null.
+void linear(const float* x, int n, int in, const float* weight, const float* bias, int out, float* y, ThreadPool* pool);
+
+// GroupNorm over (C/groups, HW) per sample and group; affine per channel; then SiLU if silu.
+void group_norm(const float* x, int n, int c, int hw, int groups, float eps, const float* gamma, const float* beta,
+                bool silu, float* y, ThreadPool* pool);
+
+void silu(const float* x, std::size_t count, float* y);
+// y = (a + b) / divisor, same shape.
+void add(const float* a, const float* b, std::size_t count, float divisor, float* y);
+// y (n, c, hw) = (a (n, c, hw) + b (n, c) broadcast over hw) / divisor.
+void add_broadcast(const float* a, const float* b, int n, int c, int hw, float divisor, float* y);
+// y = x * scale + shift
+void scale_shift(const float* x, std::size_t count, float scale, float shift, float* y);
+// y (n, sum(c_i), hw): channel concatenation of `count` inputs x_i (n, c_i, hw).
+void concat_channels(const float* const* xs, const int* cs, int count, int n, int hw, float* y);
+// y (n, c, 2h, 2w)
+void upsample_nearest2x(const float* x, int n, int c, int h, int w, float* y);
+// y (n, c, h/2, w/2): mean of each 2x2 window (h, w even)
+void avg_pool2x(const float* x, int n, int c, int h, int w, float* y);
+
+// Spatial self-attention as diffusers' Attention on (n, hw, c) tokens and the original DDPM
+// AttnBlock: q = Wq x + bq, k, v likewise (weights (d, c), d = heads * head_dim), per head
+// softmax(q k^T * scale) v, out = Wo o + bo (Wo: (c, d)), then y = (out + residual) / rescale
+// (residual may be null: no residual connection). x_normed, residual, y: (n, c, hw).
+struct AttentionWeights {
+  const float *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;  // biases may be null
+};
+std::size_t attention_scratch_floats(int n, int c, int hw, int d, ThreadPool* pool);
+void attention(const float* x_normed, const float* residual, int n, int c, int hw, int d, int heads, float scale,
+               const AttentionWeights& w, float rescale, float* y, float* scratch, ThreadPool* pool);
+
+// Sinusoidal timestep embedding exactly as diffusers' get_timestep_embedding, in float32:
+// half = dim/2, exponent_i = -ln(max_period) * i / (half - freq_shift), freq_i = exp(exponent_i),
+// arg = scale * t * freq_i; [sin, cos] (or [cos, sin] with flip_sin_to_cos); zero pad odd dim.
+// t: (n) float timesteps; y: (n, dim).
+void timestep_embedding(const float* t, int n, int dim, bool flip_sin_to_cos, float freq_shift, float max_period,
+                        float scale, float* y);
+
+}  // namespace ddim::cpu

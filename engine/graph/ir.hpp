@@ -1,0 +1,95 @@
+#pragma once
+// The network IR: named values, a topologically ordered node list, shapes inferred per batch-free
+// sample size. Parsed from the model file's `ddim.graph` JSON (schema: weights/FORMAT.md).
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace ddim::graph {
+
+enum class Op {
+  TimestepEmbedding, Linear, Conv2d, GroupNorm, Silu, Add, Scale, Concat, UpsampleNearest2x, AvgPool2x, Attention,
+};
+const char* to_string(Op) noexcept;
+
+// Batch-free shapes: Timestep is one scalar per sample, Vector is (C), Spatial is (C, H, W).
+enum class Kind { Timestep, Vector, Spatial };
+
+struct Value {
+  std::string name;
+  Kind kind = Kind::Spatial;
+  int c = 0, h = 0, w = 0;  // set by infer_shapes (h = w = 0 for non-spatial)
+  int producer = -1;        // node index; -1 for graph inputs
+  std::int64_t elements() const { return kind == Kind::Spatial ? std::int64_t(c) * h * w : (kind == Kind::Vector ? c : 1); }
+};
+
+// A parameter a node reads: its role ("weight", "bias", "q_weight", ...) and tensor name.
+struct Param {
+  std::string role;
+  std::string tensor;
+};
+
+struct Node {
+  std::string name;
+  Op op = Op::Silu;
+  std::vector<int> inputs;  // value indices
+  int output = -1;          // value index (a node's output value has the node's name)
+  std::vector<Param> params;
+
+  // Attributes (only those of `op` are meaningful; the parser rejects the others).
+  int out_features = 0;                    // linear
+  int out_channels = 0;                    // conv2d
+  int kernel_h = 1, kernel_w = 1;          // conv2d
+  int stride_h = 1, stride_w = 1;          // conv2d
+  int pad_t = 0, pad_b = 0, pad_l = 0, pad_r = 0;  // conv2d
+  int groups = 32;                         // group_norm
+  double eps = 1e-5;                       // group_norm
+  bool silu = false;                       // group_norm: SiLU fused after the affine
+  double divisor = 1.0;                    // add: (a + b) / divisor; attention: rescale_output_factor
+  double scale = 1.0, shift = 0.0;         // scale: x * scale + shift; timestep_embedding: scale
+  int dim = 0;                             // timestep_embedding
+  bool flip_sin_to_cos = false;            // timestep_embedding
+  double freq_shift = 1.0;                 // timestep_embedding (diffusers' downscale_freq_shift)
+  double max_period = 10000.0;             // timestep_embedding
+  int heads = 1;                           // attention
+  int inner_dim = 0;                       // attention: d = heads * head_dim (from attrs or = C)
+  std::optional<double> attn_scale;        // attention: default 1/sqrt(head_dim)
+
+  const std::string* param(const std::string& role) const;  // nullptr when absent
+};
+
+struct Graph {
+  std::vector<Value> values;
+  std::vector<Node> nodes;
+  int sample = -1;    // value index of input "sample"
+  int timestep = -1;  // value index of input "timestep"
+  int output = -1;
+  int in_channels = 0, height = 0, width = 0;  // declared sample shape
+
+  int find_value(const std::string& name) const;  // -1 when absent
+};
+
+// Parses and validates the graph JSON: known ops, known attributes with the right types,
+// inputs that name earlier values, unique names, arity per op, declared inputs/output.
+// Throws ddim::Error(InvalidFile) naming the node and attribute.
+Graph parse_graph(const nlohmann::json& j);
+
+// Infers every value's shape for a sample of height x width (the declared size or another the
+// architecture admits). Throws ddim::Error naming the node whose inputs do not fit
+// (InvalidFile when checking the declared size, InvalidArgument for a caller's size).
+void infer_shapes(Graph& g, int height, int width);
+
+// The shape each parameter must have, given inferred shapes: role -> expected shapes (more than
+// one when alternatives are accepted, e.g. attention projections as (d, c) or (d, c, 1, 1)).
+struct ParamRequirement {
+  int node = -1;
+  std::string role, tensor;
+  std::vector<std::vector<std::int64_t>> shapes;
+};
+std::vector<ParamRequirement> param_requirements(const Graph& g);
+
+}  // namespace ddim::graph

@@ -1,0 +1,52 @@
+#pragma once
+// ddim::Model: a validated model file in host memory (fp32 weights, the network, the schedule).
+// Immutable after load; one Model may be shared by any number of sessions and threads.
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "ddim/schedule.hpp"
+
+namespace ddim {
+
+struct ModelInfo {
+  int format_version = 0;
+  int in_channels = 0;   // of the `sample` input
+  int out_channels = 0;  // of the output
+  int height = 0;        // the sample size the model declares (sessions may choose another
+  int width = 0;         // size the architecture admits)
+  std::int64_t parameter_count = 0;
+  std::int64_t node_count = 0;
+  std::map<std::string, std::int64_t> tensors_by_dtype;  // "F32" -> count, as stored in the file
+};
+
+class Model {
+ public:
+  // Reads and validates a model file. Every problem is a ddim::Error (InvalidFile or Io) naming
+  // the key or tensor at fault; nothing is allocated for tensor data before validation passes.
+  static std::shared_ptr<const Model> load(const std::filesystem::path& path);
+  // The same from bytes in memory (the whole file).
+  static std::shared_ptr<const Model> load_from_memory(std::span<const std::uint8_t> bytes,
+                                                       const std::string& name = "<memory>");
+
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelInfo& info() const noexcept;
+  const ScheduleConfig& schedule() const noexcept;
+  // Human-readable architecture summary (ops, shapes, parameters) for `ddim info`.
+  std::string summary() const;
+
+  struct Impl;
+  const Impl& impl() const noexcept { return *impl_; }
+
+ private:
+  explicit Model(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ddim
