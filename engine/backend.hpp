@@ -23,9 +23,8 @@ struct SampleJob {
   std::vector<std::uint64_t> seeds;           // N per-sample seeds
   std::span<const float> x_T;                 // empty: from the seeds
   std::span<const float> noise;               // empty: from the seeds (when sigma > 0)
-  bool thresholding = false;
-  float dynamic_thresholding_ratio = 0.995f;
-  float sample_max_value = 1.0f;
+  double dynamic_thresholding_ratio = 0.995;  // used by steps with clip == kClipThreshold
+  double sample_max_value = 1.0;
   bool want_trajectory = false, want_x0 = false;
   ProgressCallback progress;
 };
@@ -35,6 +34,9 @@ class Executor {
   virtual ~Executor() = default;
   // One forward pass: x (N, C, H, W) host, t one per sample; out (N, C_out, H, W) host.
   virtual void forward(std::span<const float> x, std::span<const int> t, std::span<float> out) = 0;
+  // The same, reporting every node's output (no folding, no fusion: one value per graph node).
+  virtual void forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
+                            const Session::NodeOutputCallback& dump) = 0;
   // The whole sampling loop; fills images (and trajectory / x0 when asked).
   virtual void sample(const SampleJob& job, SampleResult& result) = 0;
   virtual const PlanInfo& plan_info() const = 0;

@@ -86,7 +86,8 @@ class Scheduler {
   const std::vector<double>& alphas_cumprod() const noexcept { return alphas_cumprod_; }
 
   // Timesteps for num_steps with a spacing (default: the config's) and steps_offset (default:
-  // the config's; used by Leading and Linspace as diffusers does). Throws on num_steps < 1 or > T.
+  // the config's; used by Leading only, as diffusers' DDIMScheduler does). Throws on num_steps < 1
+  // or > T, and on a timestep outside [0, T) (a steps_offset pushing Leading past T-1).
   TimestepPlan timesteps(int num_steps, std::optional<Spacing> spacing = std::nullopt,
                          std::optional<int> steps_offset = std::nullopt) const;
   // A caller's list: strictly decreasing, each in [0, T). Throws naming the offending entry.
@@ -95,6 +96,10 @@ class Scheduler {
   // Coefficients of every step of a plan; step i goes from timesteps[i] to timesteps[i+1]
   // (the last step to "t = -1", i.e. the final alpha).
   std::vector<DdimCoefficients> coefficients(std::span<const int> timesteps, const StepOptions& options) const;
+  // Coefficients of one step t -> t_prev (t_prev = -1: the final step). Throws on t outside
+  // [0, T), t_prev outside [-1, t), eta < 0, or a step that would divide by zero (alpha-bar 0 at t
+  // with epsilon prediction; alpha-bar 1 at t with sample prediction or use_clipped_model_output).
+  DdimCoefficients step_coefficients(int t, int t_prev, const StepOptions& options) const;
 
   // One DDIM step on caller arrays of `batch` samples of `sample_size` elements each:
   //   prev_sample = step(model_output, t -> t_prev, sample). `noise` (unit normal, same size)

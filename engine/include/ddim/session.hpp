@@ -92,6 +92,11 @@ class Session {
   // One network forward pass: x (N, C, H, W), t one timestep for all or one per sample.
   // Returns the model output (N, C_out, H, W).
   std::vector<float> forward(std::span<const float> x, std::span<const int> t);
+  // The same, calling `dump` with every graph node's output in graph order (for verification
+  // against PyTorch: `ddim forward --dump`). Shapes are (N, C, H, W) or (N, C).
+  using NodeOutputCallback = std::function<void(const std::string& node, const std::vector<std::int64_t>& shape,
+                                                std::span<const float> values)>;
+  std::vector<float> forward(std::span<const float> x, std::span<const int> t, const NodeOutputCallback& dump);
 
   const PlanInfo& plan_info() const noexcept;
   const Model& model() const noexcept;

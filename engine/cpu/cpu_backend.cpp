@@ -1,0 +1,246 @@
+#include "cpu/cpu_backend.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cpu/ops.hpp"
+#include "ddim/error.hpp"
+#include "cpu/thread_pool.hpp"
+#include "kernels/philox.h"
+#include "sampler/noise.hpp"
+#include "sampler/step_host.hpp"
+
+namespace ddim::cpu {
+
+using graph::Kind;
+using graph::Node;
+using graph::Op;
+
+CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& options)
+    : model_(ctx.model), m_(ctx.model->impl()), g_(ctx.model->impl().graph), batch_(options.batch) {
+  graph::infer_shapes(g_, ctx.height, ctx.width);
+  fold_ = graph::fold_time_only(g_);
+  mem_ = graph::plan_memory(g_, fold_, batch_, sizeof(float));
+  pool_ = std::make_unique<ThreadPool>(options.threads);
+  std::size_t scratch = 0;
+  for (int i : fold_.step_nodes) {
+    const Node& n = g_.nodes[i];
+    const auto& x = g_.values[n.inputs[0]];
+    if (n.op == Op::Conv2d) {
+      Conv2dShape s{batch_, x.c, x.h, x.w, n.out_channels, n.kernel_h, n.kernel_w, n.stride_h, n.stride_w,
+                    n.pad_t, n.pad_b, n.pad_l, n.pad_r};
+      scratch = std::max(scratch, conv2d_scratch_floats(s, pool_.get()));
+    } else if (n.op == Op::Attention) {
+      const int d = n.inner_dim ? n.inner_dim : x.c;
+      scratch = std::max(scratch, attention_scratch_floats(batch_, x.c, x.h * x.w, d, pool_.get()));
+    }
+  }
+  try {
+    arena_.assign(mem_.arena_bytes / sizeof(float), 0.f);
+    scratch_.assign(scratch, 0.f);
+  } catch (const std::bad_alloc&) {
+    throw Error(ErrorCode::OutOfMemory, "cpu: cannot allocate the " + std::to_string(mem_.arena_bytes + scratch * 4) +
+                                            "-byte activation arena for batch " + std::to_string(batch_));
+  }
+  tables_.resize(g_.values.size());
+  info_.backend = "cpu (" + std::to_string(pool_->size()) + " threads)";
+  info_.precision = "fp32";
+  info_.batch = batch_;
+  info_.height = ctx.height;
+  info_.width = ctx.width;
+  for (int i : fold_.time_nodes) info_.folded_nodes.push_back(g_.nodes[i].name);
+  for (int i : fold_.step_nodes)
+    if (g_.nodes[i].op == Op::GroupNorm && g_.nodes[i].silu) info_.fusions.push_back(g_.nodes[i].name + ": group_norm + silu");
+  info_.arena_bytes = mem_.arena_bytes;
+  info_.unplanned_bytes = mem_.unplanned_bytes;
+  info_.weight_bytes = m_.weights.size() * sizeof(float);
+}
+
+CpuExecutor::~CpuExecutor() = default;
+
+std::size_t CpuExecutor::sample_elems() const { return std::size_t(g_.values[g_.sample].elements()); }
+std::size_t CpuExecutor::out_elems() const { return std::size_t(g_.values[g_.output].elements()); }
+
+void CpuExecutor::run_node(const Node& n, int batch, const std::vector<const float*>& in, float* y) {
+  const auto& x = g_.values[n.inputs[0]];
+  auto w = [&](const char* role) -> const float* {
+    const std::string* t = n.param(role);
+    return t ? m_.weight(*t) : nullptr;
+  };
+  const std::size_t count = std::size_t(batch) * std::size_t(x.elements());
+  ThreadPool* pool = pool_.get();
+  switch (n.op) {
+    case Op::TimestepEmbedding:
+      timestep_embedding(in[0], batch, n.dim, n.flip_sin_to_cos, float(n.freq_shift), float(n.max_period), float(n.scale), y);
+      break;
+    case Op::Linear: linear(in[0], batch, x.c, w("weight"), w("bias"), n.out_features, y, pool); break;
+    case Op::Conv2d: {
+      Conv2dShape s{batch, x.c, x.h, x.w, n.out_channels, n.kernel_h, n.kernel_w, n.stride_h, n.stride_w,
+                    n.pad_t, n.pad_b, n.pad_l, n.pad_r};
+      conv2d(s, in[0], w("weight"), w("bias"), y, scratch_.data(), pool);
+      break;
+    }
+    case Op::GroupNorm:
+      group_norm(in[0], batch, x.c, x.h * x.w, n.groups, float(n.eps), w("weight"), w("bias"), n.silu, y, pool);
+      break;
+    case Op::Silu: silu(in[0], count, y); break;
+    case Op::Scale: scale_shift(in[0], count, float(n.scale), float(n.shift), y); break;
+    case Op::Add: {
+      const auto& b = g_.values[n.inputs[1]];
+      if (x.kind == b.kind) add(in[0], in[1], count, float(n.divisor), y);
+      else add_broadcast(in[0], in[1], batch, x.c, x.h * x.w, float(n.divisor), y);
+      break;
+    }
+    case Op::Concat: {
+      std::vector<int> cs;
+      for (int v : n.inputs) cs.push_back(g_.values[v].c);
+      concat_channels(in.data(), cs.data(), int(cs.size()), batch, x.h * x.w, y);
+      break;
+    }
+    case Op::UpsampleNearest2x: upsample_nearest2x(in[0], batch, x.c, x.h, x.w, y); break;
+    case Op::AvgPool2x: avg_pool2x(in[0], batch, x.c, x.h, x.w, y); break;
+    case Op::Attention: {
+      const int d = n.inner_dim ? n.inner_dim : x.c;
+      const float scale = n.attn_scale ? float(*n.attn_scale) : float(1.0 / std::sqrt(double(d / n.heads)));
+      AttentionWeights aw{w("q_weight"), w("q_bias"), w("k_weight"), w("k_bias"),
+                          w("v_weight"), w("v_bias"), w("out_weight"), w("out_bias")};
+      attention(in[0], n.inputs.size() > 1 ? in[1] : nullptr, batch, x.c, x.h * x.w, d, n.heads, scale, aw, float(n.divisor), y,
+                scratch_.data(), pool);
+      break;
+    }
+  }
+}
+
+void CpuExecutor::build_tables(std::span<const int> timesteps) {
+  if (table_timesteps_.size() == timesteps.size() && std::equal(timesteps.begin(), timesteps.end(), table_timesteps_.begin()))
+    return;
+  const int rows = int(timesteps.size());
+  std::vector<std::vector<float>> vals(g_.values.size());
+  vals[g_.timestep].assign(timesteps.begin(), timesteps.end());
+  for (int i : fold_.time_nodes) {
+    const Node& n = g_.nodes[i];
+    std::vector<const float*> in;
+    for (int v : n.inputs) in.push_back(vals[v].data());
+    vals[n.output].assign(std::size_t(rows) * std::size_t(g_.values[n.output].elements()), 0.f);
+    run_node(n, rows, in, vals[n.output].data());
+  }
+  for (int v : fold_.tables) tables_[v] = std::move(vals[v]);
+  table_timesteps_.assign(timesteps.begin(), timesteps.end());
+}
+
+void CpuExecutor::run_step(const float* x, std::span<const int> rows, float* out) {
+  auto at = [&](int v) { return arena_.data() + mem_.offset[v] / sizeof(float); };
+  std::memcpy(at(g_.sample), x, sizeof(float) * batch_ * sample_elems());
+  for (int v : fold_.tables) {  // the table rows of this step, one per sample
+    const std::size_t c = std::size_t(g_.values[v].c);
+    for (int b = 0; b < batch_; ++b) std::memcpy(at(v) + b * c, tables_[v].data() + std::size_t(rows[b]) * c, c * sizeof(float));
+  }
+  std::vector<const float*> in;
+  for (int i : fold_.step_nodes) {
+    const Node& n = g_.nodes[i];
+    in.clear();
+    for (int v : n.inputs) in.push_back(at(v));
+    run_node(n, batch_, in, at(n.output));
+  }
+  std::memcpy(out, at(g_.output), sizeof(float) * batch_ * out_elems());
+}
+
+namespace {
+
+void check_forward_args(std::size_t x_size, std::size_t t_size, std::size_t out_size, int batch, std::size_t in_elems,
+                        std::size_t out_elems) {
+  if (x_size != std::size_t(batch) * in_elems)
+    throw Error(ErrorCode::InvalidArgument, "forward: x has " + std::to_string(x_size) + " values, expected " +
+                                                std::to_string(batch) + " x " + std::to_string(in_elems));
+  if (t_size != 1 && t_size != std::size_t(batch))
+    throw Error(ErrorCode::InvalidArgument, "forward: give one timestep or one per sample (" + std::to_string(batch) + "), not " +
+                                                std::to_string(t_size));
+  if (out_size != std::size_t(batch) * out_elems) throw Error(ErrorCode::InvalidArgument, "forward: output span has the wrong size");
+}
+
+}  // namespace
+
+void CpuExecutor::forward(std::span<const float> x, std::span<const int> t, std::span<float> out) {
+  check_forward_args(x.size(), t.size(), out.size(), batch_, sample_elems(), out_elems());
+  std::vector<int> distinct(t.begin(), t.end());
+  std::sort(distinct.begin(), distinct.end());
+  distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+  build_tables(distinct);
+  std::vector<int> rows(static_cast<std::size_t>(batch_));
+  for (int b = 0; b < batch_; ++b) {
+    const int tb = t.size() == 1 ? t[0] : t[std::size_t(b)];
+    rows[std::size_t(b)] = int(std::lower_bound(distinct.begin(), distinct.end(), tb) - distinct.begin());
+  }
+  run_step(x.data(), rows, out.data());
+}
+
+void CpuExecutor::forward_unfolded(std::span<const float> x, std::span<const int> t, std::span<float> out,
+                                   const NodeObserver& observer) {
+  check_forward_args(x.size(), t.size(), out.size(), batch_, sample_elems(), out_elems());
+  std::vector<std::vector<float>> vals(g_.values.size());
+  vals[g_.sample].assign(x.begin(), x.end());
+  vals[g_.timestep].resize(std::size_t(batch_));
+  for (int b = 0; b < batch_; ++b) vals[g_.timestep][std::size_t(b)] = float(t.size() == 1 ? t[0] : t[std::size_t(b)]);
+  std::vector<const float*> in;
+  for (const Node& n : g_.nodes) {
+    in.clear();
+    for (int v : n.inputs) in.push_back(vals[v].data());
+    vals[n.output].assign(std::size_t(batch_) * std::size_t(g_.values[n.output].elements()), 0.f);
+    run_node(n, batch_, in, vals[n.output].data());
+    if (observer) observer(n, g_.values[n.output], vals[n.output].data());
+  }
+  std::copy(vals[g_.output].begin(), vals[g_.output].end(), out.begin());
+}
+
+void CpuExecutor::forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
+                               const Session::NodeOutputCallback& dump) {
+  forward_unfolded(x, t, out, [&](const Node& n, const graph::Value& v, const float* data) {
+    std::vector<std::int64_t> shape{batch_, v.c};
+    if (v.kind == Kind::Spatial) {
+      shape.push_back(v.h);
+      shape.push_back(v.w);
+    }
+    dump(n.name, shape, std::span<const float>(data, std::size_t(batch_) * std::size_t(v.elements())));
+  });
+}
+
+void CpuExecutor::sample(const SampleJob& job, SampleResult& result) {
+  const std::size_t S = job.timesteps.size(), N = std::size_t(batch_), E = sample_elems();
+  if (out_elems() != E)
+    throw Error(ErrorCode::Unsupported, "sampling needs a model whose output has the sample's shape (learned variance "
+                                        "outputs are not supported)");
+  build_tables(job.timesteps);
+  std::vector<float> x(N * E), eps(N * E), x0(E), z(E);
+  if (!job.x_T.empty()) std::copy(job.x_T.begin(), job.x_T.end(), x.begin());
+  else
+    for (std::size_t b = 0; b < N; ++b) fill_normal(job.seeds[b], kNoiseStreamInitial, 0, std::span<float>(x.data() + b * E, E));
+  if (job.want_trajectory) result.trajectory.assign(x.begin(), x.end());
+  if (job.want_x0) result.x0.reserve(S * N * E);
+  std::vector<int> rows(N);
+  for (std::size_t s = 0; s < S; ++s) {
+    std::fill(rows.begin(), rows.end(), int(s));
+    run_step(x.data(), rows, eps.data());
+    const DdimStepParams& p = job.steps[s];
+    for (std::size_t b = 0; b < N; ++b) {
+      std::span<float> xb(x.data() + b * E, E);
+      std::span<const float> eb(eps.data() + b * E, E);
+      std::span<const float> zb;
+      if (p.sigma > 0.f) {
+        if (!job.noise.empty()) zb = job.noise.subspan((s * N + b) * E, E);
+        else {
+          fill_normal(job.seeds[b], kNoiseStreamStep, std::uint32_t(s), z);
+          zb = z;
+        }
+      }
+      ddim_step_sample(p, xb, eb, zb, x0, job.dynamic_thresholding_ratio, job.sample_max_value);
+      if (job.want_x0) result.x0.insert(result.x0.end(), x0.begin(), x0.end());
+    }
+    if (job.want_trajectory) result.trajectory.insert(result.trajectory.end(), x.begin(), x.end());
+    if (job.progress && !job.progress(int(s + 1), int(S)))
+      throw Error(ErrorCode::Cancelled, "sampling cancelled by the progress callback after step " + std::to_string(s + 1));
+  }
+  result.images = std::move(x);
+}
+
+}  // namespace ddim::cpu

@@ -1,0 +1,102 @@
+#include "graph/passes.hpp"
+
+#include <algorithm>
+#include <limits>
+
+#include "ddim/error.hpp"
+
+namespace ddim::graph {
+
+TimeFolding fold_time_only(const Graph& g) {
+  const std::size_t nv = g.values.size();
+  std::vector<char> dep_time(nv, 0), dep_sample(nv, 0);
+  dep_time[g.timestep] = 1;
+  dep_sample[g.sample] = 1;
+  for (const Node& n : g.nodes)
+    for (int i : n.inputs) {
+      dep_time[n.output] |= dep_time[i];
+      dep_sample[n.output] |= dep_sample[i];
+    }
+  TimeFolding f;
+  f.time_only.assign(nv, 0);
+  for (std::size_t v = 0; v < nv; ++v) f.time_only[v] = dep_time[v] && !dep_sample[v];
+  if (!dep_sample[g.output])
+    throw Error(ErrorCode::InvalidFile, "graph: the output '" + g.values[g.output].name +
+                                            "' does not depend on the input 'sample' (re-export the model)");
+  std::vector<char> is_table(nv, 0);
+  for (std::size_t i = 0; i < g.nodes.size(); ++i) {
+    const Node& n = g.nodes[i];
+    if (f.time_only[n.output]) {
+      f.time_nodes.push_back(int(i));
+      continue;
+    }
+    // Nodes that depend on neither input (none exist in valid graphs: every op has an input)
+    // run per step with the rest.
+    f.step_nodes.push_back(int(i));
+    for (int in : n.inputs)
+      if (f.time_only[in] && !is_table[in]) {
+        is_table[in] = 1;
+        f.tables.push_back(in);
+      }
+  }
+  return f;
+}
+
+MemoryPlan plan_memory(const Graph& g, const TimeFolding& f, int batch, std::size_t element_bytes, std::size_t alignment) {
+  const std::size_t nv = g.values.size();
+  constexpr int kUnused = std::numeric_limits<int>::min();
+  std::vector<int> first(nv, kUnused), last(nv, kUnused);
+  // Position -1: before the first step node (the sample and the table rows are written then).
+  first[g.sample] = last[g.sample] = -1;
+  for (int t : f.tables) first[t] = last[t] = -1;
+  for (std::size_t p = 0; p < f.step_nodes.size(); ++p) {
+    const Node& n = g.nodes[f.step_nodes[p]];
+    first[n.output] = last[n.output] = int(p);
+    for (int in : n.inputs) last[in] = std::max(last[in], int(p));
+  }
+  last[g.output] = int(f.step_nodes.size());
+
+  struct Item {
+    int value;
+    std::size_t bytes;
+  };
+  std::vector<Item> items;
+  MemoryPlan plan;
+  plan.offset.assign(nv, MemoryPlan::kNone);
+  for (std::size_t v = 0; v < nv; ++v) {
+    if (first[v] == kUnused) continue;
+    std::size_t bytes = std::size_t(g.values[v].elements()) * std::size_t(batch) * element_bytes;
+    bytes = (bytes + alignment - 1) / alignment * alignment;
+    items.push_back({int(v), bytes});
+    plan.unplanned_bytes += bytes;
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.bytes > b.bytes; });
+  struct Placed {
+    std::size_t begin, end;
+    int first, last;
+  };
+  std::vector<Placed> placed;
+  for (const Item& it : items) {
+    // Intervals already placed whose lifetimes overlap this one, by offset.
+    std::vector<std::pair<std::size_t, std::size_t>> busy;
+    for (const Placed& p : placed)
+      if (!(p.last < first[it.value] || last[it.value] < p.first)) busy.push_back({p.begin, p.end});
+    std::sort(busy.begin(), busy.end());
+    // Best fit: the smallest gap that holds the buffer; else after the last busy interval.
+    std::size_t best = MemoryPlan::kNone, best_gap = MemoryPlan::kNone, cursor = 0;
+    for (const auto& [b, e] : busy) {
+      if (b > cursor && b - cursor >= it.bytes && b - cursor < best_gap) {
+        best = cursor;
+        best_gap = b - cursor;
+      }
+      cursor = std::max(cursor, e);
+    }
+    if (best == MemoryPlan::kNone) best = cursor;
+    placed.push_back({best, best + it.bytes, first[it.value], last[it.value]});
+    plan.offset[it.value] = best;
+    plan.arena_bytes = std::max(plan.arena_bytes, best + it.bytes);
+  }
+  return plan;
+}
+
+}  // namespace ddim::graph

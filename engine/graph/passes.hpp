@@ -1,0 +1,36 @@
+#pragma once
+// Plan-time passes over the IR: time-only folding and the liveness-based memory plan.
+#include <cstddef>
+#include <vector>
+
+#include "graph/ir.hpp"
+
+namespace ddim::graph {
+
+// Time-only folding. A value is time-only when it depends on the `timestep` input and not on
+// `sample` (the sinusoidal embedding, the time MLP, every resnet's time projection). Those nodes
+// are evaluated once per set of timesteps (a sampling schedule, an inversion, one forward) into
+// tables with one row per timestep; the per-step forward starts from table rows.
+struct TimeFolding {
+  std::vector<char> time_only;   // per value
+  std::vector<int> time_nodes;   // evaluated into tables, in graph order
+  std::vector<int> step_nodes;   // evaluated every step, in graph order
+  std::vector<int> tables;       // time-only values that per-step nodes read (the table values)
+};
+// Throws ddim::Error(InvalidFile) when the output does not depend on the sample.
+TimeFolding fold_time_only(const Graph& g);
+
+// Memory plan of the per-step forward: every value a step touches (the sample, the table rows,
+// every step node's output) gets an offset in one arena; two values share bytes only when their
+// lifetimes (first write .. last read, in step-node order) do not overlap. The output lives to
+// the end. Greedy best fit, largest buffers first.
+struct MemoryPlan {
+  static constexpr std::size_t kNone = static_cast<std::size_t>(-1);
+  std::vector<std::size_t> offset;  // bytes, per value; kNone for values outside the arena
+  std::size_t arena_bytes = 0;      // planned peak
+  std::size_t unplanned_bytes = 0;  // the sum of all buffers (what one buffer per value costs)
+};
+MemoryPlan plan_memory(const Graph& g, const TimeFolding& folding, int batch, std::size_t element_bytes,
+                       std::size_t alignment = 256);
+
+}  // namespace ddim::graph

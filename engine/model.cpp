@@ -1,0 +1,236 @@
+// Model loading: the container is validated first (format/container), then the ddim metadata
+// (version, graph, schedule), then every tensor reference; only then is tensor data read.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "ddim/error.hpp"
+#include "format/container.hpp"
+#include "format/model_metadata.hpp"
+#include "graph/passes.hpp"
+#include "model_impl.hpp"
+
+namespace ddim {
+
+namespace {
+
+const char* const kReexport = " (re-export the model with tools/export.py)";
+
+std::string shape_str(const std::vector<std::int64_t>& s) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+// Reads `n` bytes at absolute offset `at` into `out`.
+using ReadFn = std::function<void(std::uint64_t at, std::span<std::uint8_t> out)>;
+
+std::unique_ptr<Model::Impl> load_impl(const std::string& source, std::uint64_t file_size, const ReadFn& read) {
+  auto invalid = [&](const std::string& msg) { return Error(ErrorCode::InvalidFile, source + ": " + msg); };
+  if (file_size < 8) throw invalid("file is " + std::to_string(file_size) + " bytes, too short for a model file" + kReexport);
+  std::uint8_t prefix[8];
+  read(0, prefix);
+  std::uint64_t header_len;
+  std::vector<std::uint8_t> header;
+  format::Container container;
+  try {
+    header_len = format::read_header_length(prefix, file_size);
+    header.resize(header_len);
+    read(8, header);
+    container = format::parse_header(header, file_size);
+  } catch (const Error& e) {
+    throw Error(e.code(), source + ": " + e.what());
+  }
+
+  auto impl = std::make_unique<Model::Impl>();
+  impl->source = source;
+  auto meta = [&](const char* key) -> const std::string& {
+    auto it = container.metadata.find(key);
+    if (it == container.metadata.end())
+      throw invalid(std::string("__metadata__ lacks '") + key + "': this is not a ddim model file" + kReexport);
+    return it->second;
+  };
+  // Version policy: a reader accepts the versions it knows (1..kFormatVersion) and rejects newer
+  // ones with a request to upgrade; see weights/FORMAT.md.
+  const std::string& ver = meta("ddim.format_version");
+  int version = 0;
+  {
+    std::size_t pos = 0;
+    try {
+      version = std::stoi(ver, &pos);
+    } catch (...) {
+      pos = 0;
+    }
+    if (pos != ver.size() || ver.empty() || ver[0] == '+' || ver[0] == '-' || ver[0] == ' ')
+      throw invalid("__metadata__ 'ddim.format_version' must be a positive integer, got \"" + ver + "\"");
+    if (version > format::kFormatVersion)
+      throw invalid("format version " + ver + " is newer than this reader supports (" + std::to_string(format::kFormatVersion) +
+                    "); upgrade ddim");
+    if (version < 1) throw invalid("format version " + ver + " is not a valid version (the first is 1)" + kReexport);
+  }
+
+  try {
+    impl->graph = graph::parse_graph(format::parse_json_strict(meta("ddim.graph"), "__metadata__ ddim.graph"));
+    graph::fold_time_only(impl->graph);  // validates that the output depends on the sample
+  } catch (const Error& e) {
+    throw Error(e.code(), source + ": " + e.what());
+  }
+  format::ParsedSchedule sched;
+  try {
+    sched = format::parse_schedule(format::parse_json_strict(meta("ddim.schedule"), "__metadata__ ddim.schedule"));
+  } catch (const Error& e) {
+    throw Error(e.code(), source + ": " + e.what());
+  }
+  for (const auto& [k, v] : container.metadata)
+    if (k.rfind("ddim.", 0) == 0 && k != "ddim.format_version" && k != "ddim.graph" && k != "ddim.schedule")
+      throw invalid("__metadata__ has unknown key '" + k + "' (keys starting with 'ddim.' are reserved)");
+
+  // Every tensor the graph references must be present with the shape it needs; nothing else.
+  std::set<std::string> referenced;
+  for (const auto& req : graph::param_requirements(impl->graph)) {
+    const auto& node = impl->graph.nodes[req.node];
+    const format::TensorInfo* t = container.find(req.tensor);
+    const std::string who = "node '" + node.name + "' (" + graph::to_string(node.op) + ") parameter '" + req.role + "'";
+    if (!t) throw invalid("tensor '" + req.tensor + "' needed by " + who + " is missing" + kReexport);
+    if (std::find(req.shapes.begin(), req.shapes.end(), t->shape) == req.shapes.end()) {
+      std::string want;
+      for (std::size_t i = 0; i < req.shapes.size(); ++i) want += (i ? " or " : "") + shape_str(req.shapes[i]);
+      throw invalid("tensor '" + req.tensor + "' has shape " + shape_str(t->shape) + " but " + who + " needs " + want + kReexport);
+    }
+    if (t->dtype == format::DType::F64)
+      throw invalid("tensor '" + req.tensor + "' is F64; weights must be F32, F16 or BF16" + kReexport);
+    if (referenced.count(req.tensor))
+      throw invalid("tensor '" + req.tensor + "' is used by two parameters (" + who + " and another); each needs its own tensor");
+    referenced.insert(req.tensor);
+  }
+  const format::TensorInfo* alphas = nullptr;
+  if (sched.alphas_cumprod_tensor) {
+    alphas = container.find(*sched.alphas_cumprod_tensor);
+    const std::string& name = *sched.alphas_cumprod_tensor;
+    if (!alphas) throw invalid("tensor '" + name + "' named by ddim.schedule 'alphas_cumprod' is missing" + kReexport);
+    const std::int64_t T = sched.config.num_train_timesteps;
+    if (alphas->shape != std::vector<std::int64_t>{T})
+      throw invalid("tensor '" + name + "' (alphas_cumprod) has shape " + shape_str(alphas->shape) + ", expected [" +
+                    std::to_string(T) + "] (num_train_timesteps)");
+    if (alphas->dtype != format::DType::F32 && alphas->dtype != format::DType::F64)
+      throw invalid("tensor '" + name + "' (alphas_cumprod) must be F32 or F64, not " + format::to_string(alphas->dtype));
+    if (referenced.count(name)) throw invalid("tensor '" + name + "' is both a weight and the alphas_cumprod table");
+    referenced.insert(name);
+  }
+  for (const auto& t : container.tensors)
+    if (!referenced.count(t.name))
+      throw invalid("tensor '" + t.name + "' is not used by the graph or the schedule (unreferenced tensors are rejected" +
+                    std::string(kReexport) + ")");
+
+  // Validation passed: read and convert.
+  std::size_t total = 0;
+  for (const auto& t : container.tensors)
+    if (&t != alphas) total += std::size_t(t.numel());
+  try {
+    impl->weights.resize(total);
+  } catch (const std::bad_alloc&) {
+    throw Error(ErrorCode::OutOfMemory, source + ": cannot allocate " + std::to_string(total * 4) + " bytes for the weights");
+  }
+  std::vector<std::uint8_t> raw;
+  std::size_t offset = 0;
+  for (const auto& t : container.tensors) {
+    raw.resize(t.end - t.begin);
+    read(container.data_begin + t.begin, raw);
+    auto& info = impl->info;
+    info.tensors_by_dtype[format::to_string(t.dtype)] += 1;
+    if (&t == alphas) {
+      impl->schedule.alphas_cumprod.resize(std::size_t(t.numel()));
+      format::convert_to_f64(t, raw, impl->schedule.alphas_cumprod);
+      continue;
+    }
+    format::convert_to_f32(t, raw, std::span<float>(impl->weights.data() + offset, std::size_t(t.numel())));
+    for (std::size_t i = 0; i < std::size_t(t.numel()); ++i)
+      if (!std::isfinite(impl->weights[offset + i]))
+        throw invalid("tensor '" + t.name + "' holds a NaN or infinite value at index " + std::to_string(i));
+    impl->slots[t.name] = {offset, t.shape, t.numel()};
+    offset += std::size_t(t.numel());
+    info.parameter_count += t.numel();
+  }
+  std::vector<double> table = std::move(impl->schedule.alphas_cumprod);
+  impl->schedule = sched.config;
+  impl->schedule.alphas_cumprod = std::move(table);
+  if (alphas) {
+    try {
+      impl->schedule.validate();
+    } catch (const Error& e) {
+      throw invalid(std::string("ddim.schedule: ") + e.what());
+    }
+  }
+  const auto& g = impl->graph;
+  impl->info.format_version = version;
+  impl->info.in_channels = g.in_channels;
+  impl->info.out_channels = g.values[g.output].c;
+  impl->info.height = g.height;
+  impl->info.width = g.width;
+  impl->info.node_count = std::int64_t(g.nodes.size());
+  return impl;
+}
+
+}  // namespace
+
+const float* Model::Impl::weight(const std::string& tensor) const {
+  auto it = slots.find(tensor);
+  if (it == slots.end()) throw Error(ErrorCode::Internal, "weight '" + tensor + "' was not loaded");
+  return weights.data() + it->second.offset;
+}
+
+Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Model::~Model() = default;
+
+std::shared_ptr<const Model> Model::load(const std::filesystem::path& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Error(ErrorCode::Io, path.string() + ": cannot open (" + std::strerror(errno) + ")");
+  std::error_code ec;
+  const std::uint64_t size = std::filesystem::file_size(path, ec);
+  if (ec) throw Error(ErrorCode::Io, path.string() + ": cannot read its size (" + ec.message() + ")");
+  ReadFn read = [&](std::uint64_t at, std::span<std::uint8_t> out) {
+    f.seekg(std::streamoff(at));
+    f.read(reinterpret_cast<char*>(out.data()), std::streamsize(out.size()));
+    if (!f) throw Error(ErrorCode::Io, path.string() + ": read failed at byte " + std::to_string(at));
+  };
+  return std::shared_ptr<const Model>(new Model(load_impl(path.string(), size, read)));
+}
+
+std::shared_ptr<const Model> Model::load_from_memory(std::span<const std::uint8_t> bytes, const std::string& name) {
+  ReadFn read = [&](std::uint64_t at, std::span<std::uint8_t> out) {
+    if (at > bytes.size() || out.size() > bytes.size() - at) throw Error(ErrorCode::Internal, name + ": read past the end");
+    std::memcpy(out.data(), bytes.data() + at, out.size());
+  };
+  return std::shared_ptr<const Model>(new Model(load_impl(name, bytes.size(), read)));
+}
+
+const ModelInfo& Model::info() const noexcept { return impl_->info; }
+const ScheduleConfig& Model::schedule() const noexcept { return impl_->schedule; }
+
+std::string Model::summary() const {
+  const auto& g = impl_->graph;
+  std::map<std::string, int> ops;
+  for (const auto& n : g.nodes) ops[graph::to_string(n.op)] += 1;
+  std::ostringstream s;
+  s << "sample (" << g.in_channels << ", " << g.height << ", " << g.width << ") -> " << g.values[g.output].name << " ("
+    << g.values[g.output].c << ", " << g.values[g.output].h << ", " << g.values[g.output].w << ")\n";
+  s << g.nodes.size() << " nodes:";
+  for (const auto& [op, n] : ops) s << " " << op << " x" << n;
+  s << "\n" << impl_->info.parameter_count << " parameters in " << impl_->slots.size() << " tensors\n";
+  std::set<std::pair<int, int>> resolutions;
+  for (const auto& n : g.nodes)
+    if (n.op == graph::Op::Attention) {
+      const auto& v = g.values[n.inputs[0]];
+      s << "attention '" << n.name << "': " << v.h << "x" << v.w << " tokens, " << v.c << " channels, " << n.heads
+        << (n.heads == 1 ? " head" : " heads") << "\n";
+    }
+  return s.str();
+}
+
+}  // namespace ddim

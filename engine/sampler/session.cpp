@@ -1,0 +1,180 @@
+// ddim::Session: backend selection, argument validation and the host half of sampling (the
+// timestep plan and per-step coefficients), then the backend's executor runs the loop.
+#include <algorithm>
+#include <thread>
+
+#include "backend.hpp"
+#include "cpu/cpu_backend.hpp"
+#include "cuda/cuda_backend.hpp"
+#include "ddim/session.hpp"
+#include "model_impl.hpp"
+#include "sampler/step_host.hpp"
+
+namespace ddim {
+
+const char* to_string(BackendKind b) noexcept {
+  switch (b) {
+    case BackendKind::Auto: return "auto";
+    case BackendKind::Cpu: return "cpu";
+    case BackendKind::Cuda: return "cuda";
+  }
+  return "?";
+}
+
+const char* to_string(Precision p) noexcept {
+  switch (p) {
+    case Precision::Auto: return "auto";
+    case Precision::FP32: return "fp32";
+    case Precision::FP16: return "fp16";
+    case Precision::BF16: return "bf16";
+  }
+  return "?";
+}
+
+BackendKind parse_backend(const std::string& s) {
+  if (s == "auto") return BackendKind::Auto;
+  if (s == "cpu") return BackendKind::Cpu;
+  if (s == "cuda") return BackendKind::Cuda;
+  throw Error(ErrorCode::InvalidArgument, "unknown device '" + s + "' (expected auto, cpu or cuda)");
+}
+
+Precision parse_precision(const std::string& s) {
+  if (s == "auto") return Precision::Auto;
+  if (s == "fp32") return Precision::FP32;
+  if (s == "fp16") return Precision::FP16;
+  if (s == "bf16") return Precision::BF16;
+  throw Error(ErrorCode::InvalidArgument, "unknown precision '" + s + "' (expected auto, fp32, fp16 or bf16)");
+}
+
+int cuda_device_count() noexcept { return cuda::device_count(); }
+
+struct Session::Impl {
+  std::shared_ptr<const Model> model;
+  SessionOptions options;
+  BackendKind backend = BackendKind::Cpu;
+  std::unique_ptr<Executor> executor;
+  int height = 0, width = 0;
+};
+
+Session::Session(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Session::~Session() = default;
+
+std::unique_ptr<Session> Session::create(std::shared_ptr<const Model> model, const SessionOptions& options) {
+  if (!model) throw Error(ErrorCode::InvalidArgument, "Session::create: model is null");
+  if (options.batch < 1 || options.batch > 65536)
+    throw Error(ErrorCode::InvalidArgument, "batch must be in [1, 65536], got " + std::to_string(options.batch));
+  if (options.threads < 0 || options.threads > 1024)
+    throw Error(ErrorCode::InvalidArgument, "threads must be in [0, 1024], got " + std::to_string(options.threads));
+  if ((options.height == 0) != (options.width == 0))
+    throw Error(ErrorCode::InvalidArgument, "give both height and width, or neither");
+  if (options.height < 0 || options.width < 0) throw Error(ErrorCode::InvalidArgument, "height and width must be positive");
+  auto impl = std::make_unique<Impl>();
+  impl->model = model;
+  impl->options = options;
+  impl->height = options.height ? options.height : model->info().height;
+  impl->width = options.width ? options.width : model->info().width;
+  ExecutorContext ctx{model, impl->height, impl->width};
+
+  auto make_cpu = [&]() {
+    if (options.precision == Precision::FP16 || options.precision == Precision::BF16)
+      throw Error(ErrorCode::Unsupported, std::string("the CPU backend computes in fp32 only; precision ") +
+                                              to_string(options.precision) + " needs the CUDA backend");
+    impl->backend = BackendKind::Cpu;
+    impl->executor = std::make_unique<cpu::CpuExecutor>(ctx, options);
+  };
+  switch (options.backend) {
+    case BackendKind::Cpu: make_cpu(); break;
+    case BackendKind::Cuda:
+      if (cuda::device_count() <= options.device || options.device < 0)
+        throw Error(ErrorCode::InvalidArgument, "CUDA device " + std::to_string(options.device) + " is not available (" +
+                                                    std::to_string(cuda::device_count()) + " usable CUDA devices)");
+      impl->backend = BackendKind::Cuda;
+      impl->executor = cuda::make_executor(ctx, options);
+      break;
+    case BackendKind::Auto:
+      if (cuda::device_count() > options.device && options.device >= 0) {
+        try {
+          impl->backend = BackendKind::Cuda;
+          impl->executor = cuda::make_executor(ctx, options);
+          break;
+        } catch (const Error& e) {
+          if (e.code() != ErrorCode::Unsupported) throw;  // auto falls back only where CUDA cannot run this at all
+        }
+      }
+      make_cpu();
+      break;
+  }
+  return std::unique_ptr<Session>(new Session(std::move(impl)));
+}
+
+std::vector<float> Session::forward(std::span<const float> x, std::span<const int> t) { return forward(x, t, {}); }
+
+std::vector<float> Session::forward(std::span<const float> x, std::span<const int> t, const NodeOutputCallback& dump) {
+  const auto& sched = impl_->model->schedule();
+  for (int ti : t)
+    if (ti < 0 || ti >= sched.num_train_timesteps)
+      throw Error(ErrorCode::InvalidArgument, "forward: timestep " + std::to_string(ti) + " is outside [0, " +
+                                                  std::to_string(sched.num_train_timesteps) + ")");
+  const auto& g = impl_->model->impl().graph;
+  std::vector<float> out(std::size_t(impl_->options.batch) * std::size_t(g.values[g.output].c) * std::size_t(impl_->height) *
+                         std::size_t(impl_->width));
+  if (dump) impl_->executor->forward_dump(x, t, out, dump);
+  else impl_->executor->forward(x, t, out);
+  return out;
+}
+
+SampleResult Session::sample(const SampleOptions& o) {
+  const Model& model = *impl_->model;
+  Scheduler scheduler(model.schedule());
+  TimestepPlan plan;
+  if (!o.timesteps.empty()) {
+    plan = scheduler.custom_timesteps(o.timesteps);
+  } else {
+    if (o.steps < 1) throw Error(ErrorCode::InvalidArgument, "steps must be at least 1, got " + std::to_string(o.steps));
+    if (o.spacing == Spacing::Custom)
+      throw Error(ErrorCode::InvalidArgument, "spacing 'custom' needs a timestep list (SampleOptions::timesteps)");
+    plan = scheduler.timesteps(o.steps, o.spacing, o.steps_offset);
+  }
+  if (!(o.eta >= 0.0) || o.eta > 1e6) throw Error(ErrorCode::InvalidArgument, "eta must be >= 0, got " + std::to_string(o.eta));
+  const std::size_t S = plan.timesteps.size(), N = std::size_t(impl_->options.batch);
+  const std::size_t E = std::size_t(model.info().in_channels) * std::size_t(impl_->height) * std::size_t(impl_->width);
+  if (!o.x_T.empty() && o.x_T.size() != N * E)
+    throw Error(ErrorCode::InvalidArgument, "x_T has " + std::to_string(o.x_T.size()) + " values; the session needs (N, C, H, W) = (" +
+                                                std::to_string(N) + ", " + std::to_string(model.info().in_channels) + ", " +
+                                                std::to_string(impl_->height) + ", " + std::to_string(impl_->width) + ")");
+  if (!o.noise.empty()) {
+    if (o.eta == 0.0)
+      throw Error(ErrorCode::InvalidArgument, "per-step noise was given but eta = 0, where no noise is added; use eta > 0");
+    if (o.noise.size() != S * N * E)
+      throw Error(ErrorCode::InvalidArgument, "noise has " + std::to_string(o.noise.size()) + " values; expected (S, N, C, H, W) with S = " +
+                                                  std::to_string(S) + " steps taken and N = " + std::to_string(N));
+  }
+  StepOptions so{o.eta, o.use_clipped_model_output, o.clip_sample, o.set_alpha_to_one};
+  SampleJob job;
+  job.timesteps = plan.timesteps;
+  for (const auto& c : scheduler.coefficients(plan.timesteps, so)) job.steps.push_back(make_step_params(c, model.schedule(), so));
+  for (std::size_t b = 0; b < N; ++b) job.seeds.push_back(o.seed + b);
+  job.x_T = o.x_T;
+  job.noise = o.noise;
+  job.dynamic_thresholding_ratio = model.schedule().dynamic_thresholding_ratio;
+  job.sample_max_value = model.schedule().sample_max_value;
+  job.want_trajectory = o.want_trajectory;
+  job.want_x0 = o.want_x0;
+  job.progress = o.progress;
+
+  SampleResult r;
+  r.n = int(N);
+  r.c = model.info().in_channels;
+  r.h = impl_->height;
+  r.w = impl_->width;
+  r.timesteps = plan.timesteps;
+  r.warning = plan.warning;
+  impl_->executor->sample(job, r);
+  return r;
+}
+
+const PlanInfo& Session::plan_info() const noexcept { return impl_->executor->plan_info(); }
+const Model& Session::model() const noexcept { return *impl_->model; }
+BackendKind Session::backend() const noexcept { return impl_->backend; }
+
+}  // namespace ddim

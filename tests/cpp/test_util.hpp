@@ -1,0 +1,46 @@
+#pragma once
+// Helpers shared by the C++ tests: small model files the tests write themselves.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ddim/ddim.hpp"
+#include "graph/unet_builder.hpp"
+
+namespace ddim::test {
+
+// A small U-Net of the DDPM family: two levels (16, 32 channels), multi-head attention at the
+// second, non-square 16x12 samples, groups of 8.
+inline graph::UNetConfig tiny_unet() {
+  graph::UNetConfig c;
+  c.sample_height = 16;
+  c.sample_width = 12;
+  c.in_channels = 3;
+  c.out_channels = 3;
+  c.block_out_channels = {16, 32};
+  c.down_attention = {false, true};
+  c.layers_per_block = 1;
+  c.attention_head_dim = 8;
+  c.norm_num_groups = 8;
+  c.norm_eps = 1e-6;
+  c.downsample_padding = 0;
+  c.flip_sin_to_cos = false;
+  c.freq_shift = 1.0;
+  return c;
+}
+
+inline std::shared_ptr<const Model> tiny_model(std::uint64_t seed = 1, ScheduleConfig schedule = {}) {
+  auto bytes = graph::make_random_model_file(tiny_unet(), schedule, seed);
+  return Model::load_from_memory(bytes, "tiny");
+}
+
+inline std::unique_ptr<Session> cpu_session(std::shared_ptr<const Model> model, int batch, int threads = 2) {
+  SessionOptions o;
+  o.backend = BackendKind::Cpu;
+  o.batch = batch;
+  o.threads = threads;
+  return Session::create(std::move(model), o);
+}
+
+}  // namespace ddim::test

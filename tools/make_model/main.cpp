@@ -1,0 +1,97 @@
+// ddim-make-model: writes a model file with random weights for a built-in architecture. Used for
+// the demo model the build generates (until the trained bundled model ships), for benchmarks
+// and for tests. Not a substitute for tools/export.py, which converts trained PyTorch models.
+#include <charconv>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "ddim/error.hpp"
+#include "format/container.hpp"
+#include "graph/unet_builder.hpp"
+
+namespace {
+
+void usage(FILE* f) {
+  std::fprintf(f,
+               "usage: ddim-make-model --preset tiny|small|cifar10-32 --out FILE [--seed 0] [--dtype f32|f16|bf16]\n"
+               "  Writes a ddim model file with random weights (PyTorch's default init scale).\n"
+               "  tiny:       32x32 RGB, channels (32, 64), attention at 16x16, 1 layer per block\n"
+               "  small:      32x32 RGB, channels (64, 128, 128), attention at 16x16, 2 layers per block\n"
+               "  cifar10-32: the google/ddpm-cifar10-32 architecture (35.7M parameters)\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string preset, out;
+  std::uint64_t seed = 0;
+  ddim::format::DType dtype = ddim::format::DType::F32;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "ddim-make-model: error: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    } else if (a == "--preset") preset = value();
+    else if (a == "--out") out = value();
+    else if (a == "--seed") {
+      std::string v = value();
+      auto r = std::from_chars(v.data(), v.data() + v.size(), seed);
+      if (r.ec != std::errc() || r.ptr != v.data() + v.size()) {
+        std::fprintf(stderr, "ddim-make-model: error: --seed needs a non-negative integer, got '%s'\n", v.c_str());
+        return 2;
+      }
+    } else if (a == "--dtype") {
+      std::string v = value();
+      if (v == "f32") dtype = ddim::format::DType::F32;
+      else if (v == "f16") dtype = ddim::format::DType::F16;
+      else if (v == "bf16") dtype = ddim::format::DType::BF16;
+      else {
+        std::fprintf(stderr, "ddim-make-model: error: --dtype must be f32, f16 or bf16\n");
+        return 2;
+      }
+    } else {
+      std::fprintf(stderr, "ddim-make-model: error: unknown option '%s'\n", a.c_str());
+      usage(stderr);
+      return 2;
+    }
+  }
+  if (preset.empty() || out.empty()) {
+    usage(stderr);
+    return 2;
+  }
+  ddim::graph::UNetConfig c;
+  if (preset == "tiny") {
+    c.block_out_channels = {32, 64};
+    c.down_attention = {false, true};
+    c.layers_per_block = 1;
+    c.norm_num_groups = 8;
+  } else if (preset == "small") {
+    c.block_out_channels = {64, 128, 128};
+    c.down_attention = {false, true, false};
+    c.norm_num_groups = 16;
+  } else if (preset == "cifar10-32") {
+    c = ddim::graph::UNetConfig::cifar10();
+  } else {
+    std::fprintf(stderr, "ddim-make-model: error: unknown preset '%s' (tiny, small, cifar10-32)\n", preset.c_str());
+    return 2;
+  }
+  try {
+    ddim::ScheduleConfig schedule;  // linear betas 1e-4..0.02 over 1000 steps, epsilon
+    ddim::format::write_file(out, ddim::graph::make_random_model_file(c, schedule, seed, dtype));
+    std::printf("wrote %s (%s, %lld parameters, random weights, seed %llu)\n", out.c_str(), preset.c_str(),
+                static_cast<long long>(ddim::graph::build_unet2d(c).parameter_count()), static_cast<unsigned long long>(seed));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ddim-make-model: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
