@@ -61,14 +61,11 @@ std::unique_ptr<Model::Impl> load_impl(const std::string& source, std::uint64_t 
   const std::string& ver = meta("ddim.format_version");
   int version = 0;
   {
-    std::size_t pos = 0;
-    try {
-      version = std::stoi(ver, &pos);
-    } catch (...) {
-      pos = 0;
-    }
-    if (pos != ver.size() || ver.empty() || ver[0] == '+' || ver[0] == '-' || ver[0] == ' ')
+    const bool digits = !ver.empty() && ver.size() <= 9 && ver[0] != '0' &&
+                        std::all_of(ver.begin(), ver.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+    if (!digits && ver != "0")
       throw invalid("__metadata__ 'ddim.format_version' must be a positive integer, got \"" + ver + "\"");
+    version = std::stoi(ver);
     if (version > format::kFormatVersion)
       throw invalid("format version " + ver + " is newer than this reader supports (" + std::to_string(format::kFormatVersion) +
                     "); upgrade ddim");

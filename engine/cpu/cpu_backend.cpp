@@ -9,7 +9,7 @@
 #include "cpu/thread_pool.hpp"
 #include "kernels/philox.h"
 #include "sampler/noise.hpp"
-#include "sampler/step_host.hpp"
+#include "schedule/ddim_params.hpp"
 
 namespace ddim::cpu {
 
@@ -233,7 +233,7 @@ void CpuExecutor::sample(const SampleJob& job, SampleResult& result) {
           zb = z;
         }
       }
-      ddim_step_sample(p, xb, eb, zb, x0, job.dynamic_thresholding_ratio, job.sample_max_value);
+      ddim_step_sample(p, xb, eb, zb, x0, xb, job.dynamic_thresholding_ratio, job.sample_max_value);
       if (job.want_x0) result.x0.insert(result.x0.end(), x0.begin(), x0.end());
     }
     if (job.want_trajectory) result.trajectory.insert(result.trajectory.end(), x.begin(), x.end());

@@ -299,7 +299,7 @@ Graph parse_graph(const json& j) {
   auto out_it = j.find("output");
   if (out_it == j.end() || !out_it->is_string()) fail("'output' must name a value");
   auto f = index.find(out_it->get<std::string>());
-  if (f == index.end()) fail("output '" + out_it->get<std::string>() + "' is not a node");
+  if (f == index.end() || g.values[f->second].producer < 0) fail("output '" + out_it->get<std::string>() + "' is not a node");
   g.output = f->second;
   infer_shapes(g, g.height, g.width);
   return g;

@@ -8,7 +8,7 @@
 #include "cuda/cuda_backend.hpp"
 #include "ddim/session.hpp"
 #include "model_impl.hpp"
-#include "sampler/step_host.hpp"
+#include "schedule/ddim_params.hpp"
 
 namespace ddim {
 

@@ -19,4 +19,12 @@ DdimStepParams make_step_params(const DdimCoefficients& coefficients, const Sche
 // Throws ddim::Error(InvalidArgument) on an empty sample or a ratio outside (0, 1].
 float dynamic_threshold(std::span<const float> x0_one_sample, double ratio, double max_value);
 
+// One DDIM step of one sample (E elements) on the host, from the shared per-element math: used
+// by Scheduler::step and the CPU backend's loop. z: unit normal noise, needed when p.sigma > 0
+// (else may be empty); x0 receives the clipped x0 prediction; prev may alias x. With
+// p.clip == kClipThreshold the per-sample bound is dynamic_threshold(ratio, max_value).
+void ddim_step_sample(const DdimStepParams& p, std::span<const float> x, std::span<const float> out,
+                      std::span<const float> z, std::span<float> x0, std::span<float> prev, double threshold_ratio,
+                      double threshold_max);
+
 }  // namespace ddim

@@ -71,6 +71,20 @@ float dynamic_threshold(std::span<const float> x0, double ratio, double max_valu
   return static_cast<float>(std::min(std::max(q, 1.0), max_value));
 }
 
+void ddim_step_sample(const DdimStepParams& p, std::span<const float> x, std::span<const float> out,
+                      std::span<const float> z, std::span<float> x0, std::span<float> prev, double threshold_ratio,
+                      double threshold_max) {
+  const std::size_t n = x.size();
+  if (out.size() != n || x0.size() != n || prev.size() != n || (p.sigma > 0.f && z.size() != n))
+    throw Error(ErrorCode::Internal, "ddim_step_sample: span sizes disagree");
+  for (std::size_t i = 0; i < n; ++i) x0[i] = ddim_pred_x0(x[i], out[i], p);
+  const float s = p.clip == kClipThreshold ? dynamic_threshold(x0, threshold_ratio, threshold_max) : 1.f;
+  for (std::size_t i = 0; i < n; ++i) {
+    x0[i] = ddim_clip_x0(x0[i], p, s);
+    prev[i] = ddim_prev_sample(x[i], out[i], x0[i], p.sigma > 0.f ? z[i] : 0.f, p);  // prev may alias x
+  }
+}
+
 void Scheduler::step(std::span<const float> model_output, int t, int t_prev, std::span<const float> sample,
                      std::span<float> prev_sample, std::size_t batch, const StepOptions& options,
                      std::span<const float> noise, std::span<float> pred_x0) const {
@@ -101,20 +115,10 @@ void Scheduler::step(std::span<const float> model_output, int t, int t_prev, std
   std::vector<float> x0(per);
   for (std::size_t b = 0; b < batch; ++b) {
     const std::size_t base = b * per;
-    for (std::size_t i = 0; i < per; ++i) x0[i] = ddim_pred_x0(sample[base + i], model_output[base + i], p);
-    const float threshold =
-        p.clip == kClipThreshold
-            ? dynamic_threshold(x0, config_.dynamic_thresholding_ratio, config_.sample_max_value)
-            : 1.f;
-    for (std::size_t i = 0; i < per; ++i) {
-      const float x = sample[base + i];
-      const float out = model_output[base + i];
-      const float z = with_noise ? noise[base + i] : 0.f;
-      const float x0c = ddim_clip_x0(x0[i], p, threshold);
-      const float prev = ddim_prev_sample(x, out, x0c, z, p);
-      if (!pred_x0.empty()) pred_x0[base + i] = x0c;
-      prev_sample[base + i] = prev;
-    }
+    ddim_step_sample(p, sample.subspan(base, per), model_output.subspan(base, per),
+                     with_noise ? noise.subspan(base, per) : std::span<const float>(), x0, prev_sample.subspan(base, per),
+                     config_.dynamic_thresholding_ratio, config_.sample_max_value);
+    if (!pred_x0.empty()) std::copy(x0.begin(), x0.end(), pred_x0.begin() + std::ptrdiff_t(base));
   }
 }
 

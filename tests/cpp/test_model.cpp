@@ -203,3 +203,12 @@ TEST_CASE("model: load from a file, and file errors") {
     CHECK(std::string(e.what()).find("ddim_test_model.ddim") != std::string::npos);
   }
 }
+
+TEST_CASE("model: format version strings other than plain positive integers are rejected") {
+  for (const char* v : {"01", " 1", "\t1", "1 ", "+1", "-1", "99999999999", "", "one"}) {
+    Parts p = good_parts();
+    p.meta["ddim.format_version"] = v;
+    auto bytes = p.bytes();
+    CHECK_THROWS_WITH_AS(Model::load_from_memory(bytes, "m.ddim"), doctest::Contains("ddim.format_version"), Error);
+  }
+}

@@ -1,0 +1,48 @@
+#pragma once
+// The ddim tool's subcommands (one .cpp each, with its option table) and their shared helpers.
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "args.hpp"
+#include "ddim/session.hpp"
+
+namespace ddim::cli {
+
+extern const CommandSpec kSampleCommand;
+extern const CommandSpec kForwardCommand;
+extern const CommandSpec kInfoCommand;
+
+// Each returns the process exit code; errors are thrown (UsageError, ddim::Error).
+int run_sample(const ParsedArgs& args);
+int run_forward(const ParsedArgs& args);
+int run_info(const ParsedArgs& args);
+
+// "ddim 0.1.0".
+std::string version_string();
+
+// --device auto|cpu|cuda|cuda:N and --precision auto|fp32|fp16|bf16 into session options.
+void apply_device(const std::string& text, SessionOptions& options);
+Precision parse_precision_option(const std::string& text);
+
+// Throws ddim::Error(Io) early (before any long computation) when `path` cannot be an output
+// file: its directory is missing or it names a directory.
+void check_output_path(const std::filesystem::path& path, std::string_view option);
+// Lower-cased extension (".png", ".npy").
+std::string extension_of(const std::filesystem::path& path);
+
+// Shape checks of an input array: `expected` entries < 0 match anything.
+void check_shape(std::span<const std::int64_t> shape, std::span<const std::int64_t> expected, const std::string& what,
+                 const std::string& meaning);
+// ddim::Error(InvalidArgument) when the data holds NaN or Inf.
+void check_finite(std::span<const float> data, const std::string& what);
+
+// Seconds since `start`.
+double seconds_since(std::chrono::steady_clock::time_point start);
+// "12.3 MiB".
+std::string format_bytes(std::uint64_t bytes);
+
+}  // namespace ddim::cli

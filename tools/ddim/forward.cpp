@@ -1,0 +1,150 @@
+// ddim forward: one network forward pass on a given x and timestep(s), output to .npy.
+#include <charconv>
+#include <chrono>
+#include <cstdio>
+#include <limits>
+#include <optional>
+#include <set>
+
+#include "commands.hpp"
+#include "ddim/error.hpp"
+#include "ddim/model.hpp"
+#include "npy.hpp"
+
+namespace ddim::cli {
+namespace {
+
+constexpr OptionSpec kOptions[] = {
+    {"--model", "FILE", "", "model file", true},
+    {"--x", "FILE", "", "input: float32 (N, C, H, W) .npy", true},
+    {"--t", "T", "", "timestep: an integer for all samples, or a .npy of 1 or N int/float timesteps", true},
+    {"--out", "FILE", "eps.npy", "output: the model output, float32 (N, C_out, H, W) .npy"},
+    {"--dump", "DIR", "", "also write every graph node's output to DIR/<node>.npy, listed in graph order in DIR/nodes.txt"},
+    {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
+    {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
+    {"--threads", "N", "0", "CPU worker threads, 0 for all cores"},
+};
+
+// "500" -> {500}; "t.npy" -> its values.
+std::vector<int> parse_timesteps(const std::string& text) {
+  int value = 0;
+  const char* end = text.data() + text.size();
+  const auto [ptr, ec] = std::from_chars(text.data(), end, value);
+  if (ec == std::errc() && ptr == end) return {value};
+  if (ec == std::errc::result_out_of_range) throw UsageError("--t: '" + text + "' is out of range");
+  std::error_code fs_ec;
+  if (extension_of(text) == ".npy" || std::filesystem::exists(text, fs_ec)) return tools::read_npy_timesteps(text);
+  throw UsageError("--t: '" + text + "' is neither an integer nor a .npy file");
+}
+
+// A file name for a node: its name when it is made of [A-Za-z0-9._-] only (state-dict style
+// names are), else a sanitised name with the node's index appended; never a duplicate.
+std::string dump_file_name(const std::string& node, std::size_t index, std::set<std::string>& used) {
+  std::string name = node.substr(0, 200);
+  bool changed = name.size() != node.size() || name.empty() || name[0] == '.';
+  for (char& ch : name) {
+    const bool safe = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' ||
+                      ch == '_' || ch == '-';
+    if (!safe) {
+      ch = '_';
+      changed = true;
+    }
+  }
+  if (changed || used.count(name + ".npy") != 0) name = "node_" + name + "_" + std::to_string(index);
+  name += ".npy";
+  used.insert(name);
+  return name;
+}
+
+}  // namespace
+
+const CommandSpec kForwardCommand{"forward", "", "Run one forward pass of the network (e.g. to compare with PyTorch).",
+                                  kOptions};
+
+int run_forward(const ParsedArgs& args) {
+  const std::filesystem::path model_path = args.str("--model");
+  const std::string x_path = args.str("--x");
+  const std::string out = args.str("--out");
+  if (extension_of(out) != ".npy") throw UsageError("--out: '" + out + "' must end in .npy");
+  SessionOptions session_options;
+  apply_device(args.str("--device"), session_options);
+  session_options.precision = parse_precision_option(args.str("--precision"));
+  session_options.threads = args.integer("--threads", 0, 4096);
+  check_output_path(out, "--out");
+  const std::optional<std::string> dump_dir = args.get("--dump");
+  if (dump_dir) {
+    std::error_code ec;
+    if (std::filesystem::exists(*dump_dir, ec) && !std::filesystem::is_directory(*dump_dir, ec)) {
+      throw Error(ErrorCode::Io, "--dump: '" + *dump_dir + "' exists and is not a directory");
+    }
+  }
+
+  const tools::NpyArray x = tools::read_npy_f32(x_path);
+  std::vector<int> t = parse_timesteps(args.str("--t"));
+
+  const std::shared_ptr<const Model> model = Model::load(model_path);
+  const ModelInfo& info = model->info();
+  const std::string what = "--x '" + x_path + "'";
+  check_shape(x.shape, std::vector<std::int64_t>{-1, info.in_channels, -1, -1}, what,
+              "(N, C, H, W) with the model's " + std::to_string(info.in_channels) + " input channels");
+  for (int i : {0, 2, 3}) {
+    if (x.shape[static_cast<std::size_t>(i)] < 1 || x.shape[static_cast<std::size_t>(i)] > (1 << 20)) {
+      throw Error(ErrorCode::InvalidArgument, what + " has shape " + tools::shape_to_string(x.shape) +
+                                                  ": every dimension must be in [1, 1048576]");
+    }
+  }
+  check_finite(x.data, what);
+  const int n = static_cast<int>(x.shape[0]);
+  if (t.size() != 1 && t.size() != static_cast<std::size_t>(n)) {
+    throw Error(ErrorCode::InvalidArgument, "--t: " + std::to_string(t.size()) + " timesteps for a batch of " +
+                                                std::to_string(n) + " (give 1 or N)");
+  }
+  const int T = model->schedule().num_train_timesteps;
+  for (std::size_t i = 0; i < t.size(); ++i) {
+    if (t[i] < 0 || t[i] >= T) {
+      throw Error(ErrorCode::InvalidArgument, "--t: timestep " + std::to_string(t[i]) + " (entry " + std::to_string(i) +
+                                                  ") is outside the model's range [0, " + std::to_string(T) + ")");
+    }
+  }
+
+  session_options.batch = n;
+  session_options.height = static_cast<int>(x.shape[2]);
+  session_options.width = static_cast<int>(x.shape[3]);
+  const std::unique_ptr<Session> session = Session::create(model, session_options);
+  std::string manifest;  // "index<TAB>node<TAB>shape<TAB>file" per line, graph order
+  std::size_t dumped = 0;
+  std::set<std::string> used_names;
+  const Session::NodeOutputCallback dump = [&](const std::string& node, const std::vector<std::int64_t>& node_shape,
+                                               std::span<const float> values) {
+    const std::string file = dump_file_name(node, dumped, used_names);
+    tools::write_npy_f32(std::filesystem::path(*dump_dir) / file, node_shape, values);
+    manifest += std::to_string(dumped++) + "\t" + node + "\t" + tools::shape_to_string(node_shape) + "\t" + file + "\n";
+  };
+  if (dump_dir) {
+    std::error_code ec;
+    std::filesystem::create_directories(*dump_dir, ec);
+    if (ec) throw Error(ErrorCode::Io, "--dump: cannot create '" + *dump_dir + "': " + ec.message());
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const std::vector<float> y = dump_dir ? session->forward(x.data, t, dump) : session->forward(x.data, t);
+  const double seconds = seconds_since(start);
+  if (dump_dir) {
+    tools::write_file_atomic(std::filesystem::path(*dump_dir) / "nodes.txt",
+                             std::span(reinterpret_cast<const std::uint8_t*>(manifest.data()), manifest.size()));
+  }
+
+  const std::int64_t shape[] = {x.shape[0], info.out_channels, x.shape[2], x.shape[3]};
+  const std::int64_t count = shape[0] * shape[1] * shape[2] * shape[3];
+  if (y.size() != static_cast<std::size_t>(count)) {
+    throw Error(ErrorCode::Internal, "the session returned " + std::to_string(y.size()) + " values; expected " +
+                                         tools::shape_to_string(shape));
+  }
+  tools::write_npy_f32(out, shape, y);
+  std::fprintf(stderr, "ddim: forward %s on %s %s in %.3f ms -> %s %s\n", tools::shape_to_string(x.shape).c_str(),
+               session->plan_info().backend.c_str(), session->plan_info().precision.c_str(), 1000.0 * seconds,
+               out.c_str(), tools::shape_to_string(shape).c_str());
+  if (dump_dir) std::fprintf(stderr, "ddim: %zu node outputs -> %s/ (listed in nodes.txt)\n", dumped, dump_dir->c_str());
+  return 0;
+}
+
+}  // namespace ddim::cli

@@ -1,0 +1,285 @@
+// ddim sample: DDIM sampling of a batch to PNG / .npy.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <limits>
+#include <optional>
+
+#include "commands.hpp"
+#include "ddim/error.hpp"
+#include "ddim/model.hpp"
+#include "ddim/schedule.hpp"
+#include "npy.hpp"
+#include "png.hpp"
+
+namespace ddim::cli {
+namespace {
+
+constexpr OptionSpec kOptions[] = {
+    {"--model", "FILE", "", "model file", true},
+    {"--steps", "N", "50", "number of DDIM steps"},
+    {"--eta", "X", "0", "DDIM eta: 0 is deterministic, 1 is DDPM-like"},
+    {"--seed", "N", "0", "base seed; sample i uses seed + i"},
+    {"--batch", "N", "16", "number of samples; with --x-T, its N"},
+    {"--spacing", "NAME", "", "leading|trailing|linspace|uniform|quadratic|log (default: the model's)"},
+    {"--timesteps", "LIST", "", "custom timesteps, strictly decreasing, e.g. 999,750,500,250,0"},
+    {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
+    {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
+    {"--height", "H", "", "sample height (default: the model's)"},
+    {"--width", "W", "", "sample width (default: the model's)"},
+    {"--threads", "N", "0", "CPU worker threads, 0 for all cores"},
+    {"--x-T", "FILE", "", "start from this float32 (N, C, H, W) .npy instead of seeded noise"},
+    {"--noise", "FILE", "", "float32 (S, N, C, H, W) .npy: the unit-normal noise of each step (needs eta > 0)"},
+    {"--out", "FILE", "samples.png", "output: a .png grid or a .npy of the raw float32 (N, C, H, W); skipped when only --out-dir is given"},
+    {"--out-dir", "DIR", "", "also write one PNG per sample, <seed>_<index>.png, with metadata"},
+    {"--trajectory", "FILE", "", "write x_t after every step, x_T first: float32 (S+1, N, C, H, W) .npy"},
+    {"--x0", "FILE", "", "write every step's x0 prediction: float32 (S, N, C, H, W) .npy"},
+    {"--clip-sample", "on|off", "", "clip the x0 prediction (default: the model's)"},
+    {"--set-alpha-to-one", "on|off", "", "final alpha-bar is 1 (default: the model's)"},
+    {"--steps-offset", "K", "", "offset added to leading/linspace timesteps (default: the model's)"},
+    {"--use-clipped-model-output", "", "", "recompute eps from the clipped x0 prediction"},
+};
+
+std::string format_real(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+std::string join(const std::vector<int>& values) {
+  std::string out;
+  for (std::size_t i = 0; i < values.size(); ++i) out += (i > 0 ? "," : "") + std::to_string(values[i]);
+  return out;
+}
+
+// A one-line progress bar on stderr (only used when stderr is a terminal).
+ProgressCallback make_progress_bar() {
+  const auto start = std::chrono::steady_clock::now();
+  return [start](int done, int total) {
+    constexpr int kWidth = 30;
+    const int filled = total > 0 ? std::clamp(done * kWidth / total, 0, kWidth) : kWidth;
+    const double elapsed = seconds_since(start);
+    const double remaining = done > 0 ? elapsed * (total - done) / done : 0.0;
+    std::fprintf(stderr, "\r[%.*s%.*s] %d/%d  %.1fs elapsed, %.1fs left ", filled,
+                 "==============================", kWidth - filled, "                              ", done, total,
+                 elapsed, remaining);
+    if (done >= total) std::fputc('\n', stderr);
+    std::fflush(stderr);
+    return true;
+  };
+}
+
+}  // namespace
+
+const CommandSpec kSampleCommand{"sample", "", "Generate samples with DDIM from seeds or a given x_T.", kOptions};
+
+int run_sample(const ParsedArgs& args) {
+  // ---- every command-line check first, before any work
+  const std::filesystem::path model_path = args.str("--model");
+  const int steps = args.integer("--steps", 1, 1'000'000);
+  const double eta = args.real("--eta", 0.0, 1e6);
+  const std::uint64_t seed = args.u64("--seed");
+  const int batch_option = args.integer("--batch", 1, 1 << 20);
+
+  SampleOptions options;
+  options.steps = steps;
+  options.eta = eta;
+  options.seed = seed;
+  if (const auto spacing = args.get("--spacing")) {
+    try {
+      options.spacing = parse_spacing(*spacing);
+    } catch (const ddim::Error& e) {
+      throw UsageError(std::string("--spacing: ") + e.what());
+    }
+    if (*options.spacing == Spacing::Custom) throw UsageError("--spacing: use --timesteps for a custom list");
+  }
+  if (const auto list = args.get("--timesteps")) {
+    if (args.given("--spacing")) throw UsageError("--timesteps and --spacing cannot be combined");
+    options.timesteps = parse_int_list(*list, "--timesteps", 0, std::numeric_limits<int>::max());
+    if (args.given("--steps") && static_cast<std::size_t>(steps) != options.timesteps.size()) {
+      throw UsageError("--steps " + std::to_string(steps) + " disagrees with the " +
+                       std::to_string(options.timesteps.size()) + " entries of --timesteps");
+    }
+  }
+  options.clip_sample = args.on_off("--clip-sample");
+  options.set_alpha_to_one = args.on_off("--set-alpha-to-one");
+  if (args.get("--steps-offset")) options.steps_offset = args.integer("--steps-offset", 0, 1'000'000);
+  options.use_clipped_model_output = args.flag("--use-clipped-model-output");
+
+  SessionOptions session_options;
+  apply_device(args.str("--device"), session_options);
+  session_options.precision = parse_precision_option(args.str("--precision"));
+  if (args.get("--height")) session_options.height = args.integer("--height", 1, 1 << 16);
+  if (args.get("--width")) session_options.width = args.integer("--width", 1, 1 << 16);
+  session_options.threads = args.integer("--threads", 0, 4096);
+
+  const std::optional<std::string> x_T_path = args.get("--x-T");
+  const std::optional<std::string> noise_path = args.get("--noise");
+  if (noise_path && eta == 0.0) {
+    throw UsageError("--noise needs --eta > 0 (with eta = 0 no noise is added)");
+  }
+  const std::optional<std::string> out_dir = args.get("--out-dir");
+  // The default --out applies only when --out-dir is not given either.
+  const std::optional<std::string> out = args.given("--out") || !out_dir ? args.get("--out") : std::nullopt;
+  const bool out_png = out && extension_of(*out) == ".png";
+  if (out && !out_png && extension_of(*out) != ".npy") {
+    throw UsageError("--out: '" + *out + "' must end in .png or .npy");
+  }
+  const std::optional<std::string> trajectory_path = args.get("--trajectory");
+  const std::optional<std::string> x0_path = args.get("--x0");
+  for (const auto& [path, option] : {std::pair{trajectory_path, "--trajectory"}, std::pair{x0_path, "--x0"}}) {
+    if (path && extension_of(*path) != ".npy") throw UsageError(std::string(option) + ": '" + *path + "' must end in .npy");
+  }
+  if (out) check_output_path(*out, "--out");
+  if (trajectory_path) check_output_path(*trajectory_path, "--trajectory");
+  if (x0_path) check_output_path(*x0_path, "--x0");
+  if (out_dir) {
+    std::error_code ec;
+    if (std::filesystem::exists(*out_dir, ec) && !std::filesystem::is_directory(*out_dir, ec)) {
+      throw Error(ErrorCode::Io, "--out-dir: '" + *out_dir + "' exists and is not a directory");
+    }
+  }
+
+  // ---- the model and the inputs
+  const std::shared_ptr<const Model> model = Model::load(model_path);
+  const ModelInfo& info = model->info();
+  const std::int64_t channels = info.in_channels;
+  const std::int64_t height = session_options.height > 0 ? session_options.height : info.height;
+  const std::int64_t width = session_options.width > 0 ? session_options.width : info.width;
+  if ((out_png || out_dir) && channels != 1 && channels != 3) {
+    throw Error(ErrorCode::InvalidArgument, "the model's samples have " + std::to_string(channels) +
+                                                " channels, which a PNG cannot hold; use --out FILE.npy");
+  }
+
+  int batch = batch_option;
+  tools::NpyArray x_T;
+  if (x_T_path) {
+    x_T = tools::read_npy_f32(*x_T_path);
+    const std::string what = "--x-T '" + *x_T_path + "'";
+    if (x_T.shape.size() == 4 && (x_T.shape[0] < 1 || x_T.shape[0] > (1 << 20))) {
+      throw Error(ErrorCode::InvalidArgument, what + ": batch " + std::to_string(x_T.shape[0]) + " is out of range");
+    }
+    check_shape(x_T.shape, std::vector<std::int64_t>{-1, channels, height, width}, what,
+                "(N, C, H, W) with the model's channels and the sample size");
+    if (args.given("--batch") && x_T.shape[0] != batch_option) {
+      throw Error(ErrorCode::InvalidArgument, "--batch " + std::to_string(batch_option) + " disagrees with " + what +
+                                                  ", which holds " + std::to_string(x_T.shape[0]) + " samples");
+    }
+    check_finite(x_T.data, what);
+    batch = static_cast<int>(x_T.shape[0]);
+    options.x_T = x_T.data;
+  }
+
+  // The timesteps this run visits (the same computation the session makes), for --noise.
+  const Scheduler scheduler(model->schedule());
+  const TimestepPlan plan = options.timesteps.empty()
+                                ? scheduler.timesteps(steps, options.spacing, options.steps_offset)
+                                : scheduler.custom_timesteps(options.timesteps);
+  const auto visited = static_cast<std::int64_t>(plan.timesteps.size());
+  tools::NpyArray noise;
+  if (noise_path) {
+    noise = tools::read_npy_f32(*noise_path);
+    const std::string what = "--noise '" + *noise_path + "'";
+    check_shape(noise.shape, std::vector<std::int64_t>{visited, batch, channels, height, width}, what,
+                "(S, N, C, H, W), one slice for each of the " + std::to_string(visited) +
+                    " timesteps visited (" + join(plan.timesteps) + ") and each of the " + std::to_string(batch) +
+                    " samples");
+    check_finite(noise.data, what);
+    options.noise = noise.data;
+  }
+  options.want_trajectory = trajectory_path.has_value();
+  options.want_x0 = x0_path.has_value();
+
+  // ---- sample
+  session_options.batch = batch;
+  const std::unique_ptr<Session> session = Session::create(model, session_options);
+  const PlanInfo& plan_info = session->plan_info();
+  if (isatty(STDERR_FILENO)) options.progress = make_progress_bar();
+  const auto start = std::chrono::steady_clock::now();
+  const SampleResult result = session->sample(options);
+  const double seconds = seconds_since(start);
+  if (!result.warning.empty()) std::cerr << "ddim: warning: " << result.warning << "\n";
+
+  const std::int64_t S = static_cast<std::int64_t>(result.timesteps.size());
+  const std::int64_t n = result.n, c = result.c, h = result.h, w = result.w;
+  const auto expect_size = [](const std::vector<float>& data, std::int64_t count, const char* what) {
+    if (data.size() != static_cast<std::size_t>(count)) {
+      throw Error(ErrorCode::Internal, std::string("the session returned ") + std::to_string(data.size()) + " " + what +
+                                           " values; expected " + std::to_string(count));
+    }
+  };
+  expect_size(result.images, n * c * h * w, "image");
+
+  // ---- outputs: everything encoded first, then written (each write atomic)
+  const std::string spacing_name = options.timesteps.empty()
+                                       ? to_string(options.spacing.value_or(model->schedule().timestep_spacing))
+                                       : "custom";
+  tools::TextChunks common_text = {
+      {"Software", version_string()},
+      {"steps", std::to_string(S)},
+      {"eta", format_real(eta)},
+      {"spacing", spacing_name},
+      {"timesteps", join(result.timesteps)},
+      {"model", model_path.string()},
+  };
+  if (x_T_path) common_text.emplace_back("x_T", *x_T_path);
+  if (noise_path) common_text.emplace_back("noise", *noise_path);
+
+  std::vector<std::pair<std::filesystem::path, std::vector<std::uint8_t>>> files;
+  if (out) {
+    const std::int64_t shape[] = {n, c, h, w};
+    if (out_png) {
+      tools::TextChunks text = common_text;
+      text.emplace_back("seed", std::to_string(seed));
+      text.emplace_back("batch", std::to_string(n));
+      files.emplace_back(*out, tools::encode_png(tools::batch_to_grid(result.images, result.n, result.c, result.h,
+                                                                      result.w),
+                                                 text));
+    } else {
+      files.emplace_back(*out, tools::encode_npy_f32(shape, result.images));
+    }
+  }
+  if (out_dir) {
+    const std::size_t per_image = static_cast<std::size_t>(c * h * w);
+    for (int i = 0; i < result.n; ++i) {
+      const std::uint64_t image_seed = seed + static_cast<std::uint64_t>(i);
+      tools::TextChunks text = common_text;
+      text.emplace_back("seed", std::to_string(image_seed));
+      text.emplace_back("index", std::to_string(i));
+      const std::span<const float> image(result.images.data() + per_image * static_cast<std::size_t>(i), per_image);
+      files.emplace_back(std::filesystem::path(*out_dir) / (std::to_string(image_seed) + "_" + std::to_string(i) + ".png"),
+                         tools::encode_png(tools::tensor_to_image(image, result.c, result.h, result.w), text));
+    }
+  }
+  if (trajectory_path) {
+    expect_size(result.trajectory, (S + 1) * n * c * h * w, "trajectory");
+    const std::int64_t shape[] = {S + 1, n, c, h, w};
+    files.emplace_back(*trajectory_path, tools::encode_npy_f32(shape, result.trajectory));
+  }
+  if (x0_path) {
+    expect_size(result.x0, S * n * c * h * w, "x0");
+    const std::int64_t shape[] = {S, n, c, h, w};
+    files.emplace_back(*x0_path, tools::encode_npy_f32(shape, result.x0));
+  }
+  if (out_dir) {
+    std::error_code ec;
+    std::filesystem::create_directories(*out_dir, ec);
+    if (ec) throw Error(ErrorCode::Io, "--out-dir: cannot create '" + *out_dir + "': " + ec.message());
+  }
+  for (const auto& [path, bytes] : files) tools::write_file_atomic(path, bytes);
+
+  std::string written;
+  if (out) written = *out;
+  if (out_dir) written += (written.empty() ? "" : ", ") + *out_dir + "/";
+  std::fprintf(stderr, "ddim: %lld samples %lldx%lldx%lld, %lld steps (eta %s) on %s %s in %.3f s (%.1f ms/step) -> %s\n",
+               static_cast<long long>(n), static_cast<long long>(c), static_cast<long long>(h),
+               static_cast<long long>(w), static_cast<long long>(S), format_real(eta).c_str(),
+               plan_info.backend.c_str(), plan_info.precision.c_str(), seconds,
+               S > 0 ? 1000.0 * seconds / static_cast<double>(S) : 0.0, written.c_str());
+  return 0;
+}
+
+}  // namespace ddim::cli
