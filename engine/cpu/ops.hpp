@@ -13,6 +13,16 @@ class ThreadPool;
 void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
           bool accumulate, ThreadPool* pool);
 
+// The gemm micro-kernel. Auto (the default) takes the best one the CPU supports, decided from the
+// CPU's features only, never from the problem size. Every kernel computes each element as one
+// chain over k = 0..K-1 in order (Avx2Fma and Avx512: fused multiply-add, so they agree bitwise;
+// Portable: multiply then add), so results never depend on M, N, tiling or thread count.
+// gemm_select_kernel is for tests and benchmarks (process-wide; not to be called while a gemm
+// runs); it returns false, changing nothing, when the CPU lacks the kernel's instructions.
+enum class GemmKernel { Auto, Portable, Avx2Fma, Avx512 };
+bool gemm_select_kernel(GemmKernel kernel);
+const char* gemm_kernel_name() noexcept;  // the kernel gemm uses now, e.g. "avx512 8x32"
+
 struct Conv2dShape {
   int n, cin, h, w;       // input
   int cout, kh, kw;       // weight (cout, cin, kh, kw)
