@@ -39,7 +39,7 @@ constexpr OptionSpec kOptions[] = {
     {"--x0", "FILE", "", "write every step's x0 prediction: float32 (S, N, C, H, W) .npy"},
     {"--clip-sample", "on|off", "", "clip the x0 prediction (default: the model's)"},
     {"--set-alpha-to-one", "on|off", "", "final alpha-bar is 1 (default: the model's)"},
-    {"--steps-offset", "K", "", "offset added to leading/linspace timesteps (default: the model's)"},
+    {"--steps-offset", "K", "", "offset added to leading timesteps (default: the model's)"},
     {"--use-clipped-model-output", "", "", "recompute eps from the clipped x0 prediction"},
 };
 

@@ -1,0 +1,159 @@
+// The `ddim` tool end to end on a small model file the test writes itself: outputs equal the
+// library's, and bad input gives a one-line error, a non-zero exit and no output file.
+#include <doctest/doctest.h>
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "ddim/ddim.hpp"
+#include "format/container.hpp"
+#include "npy.hpp"
+#include "png.hpp"
+#include "test_util.hpp"
+
+using namespace ddim;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Run {
+  int code;
+  std::string output;  // stdout and stderr
+};
+
+Run run(const std::string& args) {
+  std::string cmd = std::string(DDIM_CLI_PATH) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  std::string out;
+  char buf[4096];
+  while (std::size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    path = fs::temp_directory_path() / ("ddim_cli_test_" + std::to_string(::getpid()));
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+bool same_bits(std::span<const float> a, std::span<const float> b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("cli: sample, forward, dump and info agree with the library") {
+  TempDir dir;
+  const std::string model_path = dir / "tiny.ddim";
+  format::write_file(model_path, graph::make_random_model_file(test::tiny_unet(), ScheduleConfig{}, 4));
+  auto model = Model::load(model_path);
+
+  // sample -> .npy equals Session::sample with the same settings, bitwise.
+  Run r = run("sample --model " + model_path + " --steps 5 --batch 2 --seed 3 --eta 0.5 --device cpu --out " +
+              dir / "x.npy");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  auto arr = tools::read_npy_f32(dir / "x.npy");
+  CHECK(arr.shape == std::vector<std::int64_t>{2, 3, 16, 12});
+  SampleOptions o;
+  o.steps = 5;
+  o.seed = 3;
+  o.eta = 0.5;
+  auto lib = test::cpu_session(model, 2)->sample(o);
+  CHECK(same_bits(arr.data, lib.images));
+
+  // PNG grid and one PNG per image with its seed recorded.
+  r = run("sample --model " + model_path + " --steps 3 --batch 2 --seed 3 --device cpu --out " + dir / "grid.png" +
+          " --out-dir " + dir / "imgs");
+  REQUIRE(r.code == 0);
+  auto grid = tools::read_png(dir / "grid.png");
+  CHECK(grid.image.channels == 3);
+  CHECK(grid.image.width > 2 * 12);
+  auto one = tools::read_png(dir / "imgs/4_1.png");
+  CHECK((one.image.width == 12 && one.image.height == 16));
+  bool has_seed = false;
+  for (const auto& [k, v] : one.text) has_seed |= k == "seed" && v == "4";
+  CHECK(has_seed);
+
+  // forward and --dump: the dumped output node equals the output, which equals the library's.
+  std::vector<float> x(2 * 3 * 16 * 12);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(std::cos(0.1 * double(i)));
+  std::vector<std::int64_t> shape{2, 3, 16, 12};
+  tools::write_npy_f32(dir / "in.npy", shape, x);
+  r = run("forward --model " + model_path + " --x " + dir / "in.npy" + " --t 321 --device cpu --out " + dir / "eps.npy" +
+          " --dump " + dir / "dump");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  auto eps = tools::read_npy_f32(dir / "eps.npy");
+  std::vector<int> t{321};
+  auto lib_eps = test::cpu_session(model, 2)->forward(x, t);
+  CHECK(same_bits(eps.data, lib_eps));
+  CHECK(fs::exists(dir / "dump/nodes.txt"));
+  auto dumped = tools::read_npy_f32(dir / "dump/conv_out.npy");
+  CHECK(same_bits(dumped.data, lib_eps));
+  CHECK(tools::read_npy_f32(dir / "dump/time_proj.npy").shape == std::vector<std::int64_t>{2, 16});
+
+  r = run("info " + model_path + " --plan");
+  CHECK(r.code == 0);
+  CHECK(r.output.find("parameters") != std::string::npos);
+  CHECK(r.output.find("time_embedding.linear_1") != std::string::npos);  // a folded node
+}
+
+TEST_CASE("cli: bad input is a one-line error with a non-zero exit and no output file") {
+  TempDir dir;
+  const std::string model_path = dir / "tiny.ddim";
+  format::write_file(model_path, graph::make_random_model_file(test::tiny_unet(), ScheduleConfig{}, 4));
+  const std::string out = dir / "out.npy";
+  struct Case {
+    std::string args, needle;
+    int code;
+  };
+  std::vector<Case> cases = {
+      {"sample --model " + model_path + " --steps abc --out " + out, "--steps", 2},
+      {"sample --model " + model_path + " --stepz 5 --out " + out, "--stepz", 2},
+      {"sample --model " + dir / "missing.ddim" + " --out " + out, "missing.ddim", 1},
+      {"sample --model " + model_path + " --steps 2000 --device cpu --out " + out, "2000", 1},
+      {"sample --model " + model_path + " --spacing sideways --out " + out, "sideways", 2},
+      {"frobnicate", "frobnicate", 2},
+  };
+  // A corrupt model file: the right header length prefix, garbage after it.
+  {
+    std::ofstream f(dir / "bad.ddim", std::ios::binary);
+    f << std::string("\x10\0\0\0\0\0\0\0{\"a\": \"b\"}      ", 24);
+  }
+  cases.push_back({"sample --model " + dir / "bad.ddim" + " --out " + out, "bad.ddim", 1});
+  // Per-step noise with eta = 0.
+  std::vector<float> z(5 * 1 * 3 * 16 * 12, 0.f);
+  std::vector<std::int64_t> zs{5, 1, 3, 16, 12};
+  tools::write_npy_f32(dir / "z.npy", zs, z);
+  cases.push_back({"sample --model " + model_path + " --batch 1 --steps 5 --noise " + dir / "z.npy" + " --device cpu --out " + out,
+                   "eta", 2});
+  for (const auto& c : cases) {
+    Run r = run(c.args);
+    INFO(c.args << "\n" << r.output);
+    CHECK(r.code == c.code);
+    CHECK(r.output.rfind("ddim: error:", 0) == 0);
+    CHECK(r.output.find(c.needle) != std::string::npos);
+    CHECK(!fs::exists(out));
+  }
+}
+
+TEST_CASE("cli: --help states every option's default") {
+  Run r = run("sample --help");
+  CHECK(r.code == 0);
+  for (const char* s : {"--steps N", "(default: 50)", "--eta X", "(default: 0)", "--batch N", "(default: 16)", "--device DEV",
+                        "(default: auto)", "--x-T FILE", "--noise FILE", "--trajectory FILE", "--clip-sample on|off"})
+    CHECK_MESSAGE(r.output.find(s) != std::string::npos, s);
+}
