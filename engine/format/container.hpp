@@ -7,13 +7,14 @@
 #include <map>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json_fwd.hpp>
 
 namespace ddim::format {
 
-inline constexpr std::uint64_t kMaxHeaderBytes = 100ull * 1024 * 1024;  // 100 MB
+inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;  // 100 MB, the safetensors package's own limit
 inline constexpr std::size_t kMaxTensors = 65536;
 inline constexpr int kMaxRank = 8;
 
@@ -54,6 +55,9 @@ Container parse_header(std::span<const std::uint8_t> header_json, std::uint64_t 
 // silently) and invalid UTF-8. `what` names the document in error messages ("header",
 // "__metadata__.ddim.graph"). Throws ddim::Error(InvalidFile).
 nlohmann::json parse_json_strict(std::string_view text, const std::string& what);
+// The same, calling a repeated top-level key a duplicate `top_level_key_noun` ("tensor name").
+nlohmann::json parse_json_strict(std::string_view text, const std::string& what,
+                                 const std::string& top_level_key_noun);
 
 // Converts one tensor's raw little-endian bytes (exactly numel * dtype_size) to float / double.
 void convert_to_f32(const TensorInfo& info, std::span<const std::uint8_t> raw, std::span<float> out);
@@ -78,5 +82,12 @@ TensorData make_tensor_f32(std::string name, std::vector<std::int64_t> shape, st
 std::vector<std::uint8_t> serialize(const std::vector<TensorData>& tensors,
                                     const std::map<std::string, std::string>& metadata);
 void write_file(const std::string& path, const std::vector<std::uint8_t>& bytes);  // throws Io
+
+namespace detail {
+// A name for an error message: quoted, control characters escaped, cut short when very long.
+std::string quote_name(std::string_view s);
+// Product of a shape; false when an entry is negative or the product exceeds INT64_MAX.
+bool checked_numel(const std::vector<std::int64_t>& shape, std::uint64_t& numel) noexcept;
+}  // namespace detail
 
 }  // namespace ddim::format
