@@ -11,6 +11,7 @@
 #include "ddim/error.hpp"
 #include "ddim/schedule.hpp"
 #include "schedule/ddim_params.hpp"
+#include "test_util.hpp"
 
 using ddim::PredictionType;
 using ddim::ScheduleConfig;
@@ -88,19 +89,8 @@ std::vector<float> randn(std::size_t n, std::mt19937& rng, double scale) {
   return v;
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const ddim::Error& e) {
-    CHECK(e.code() == ddim::ErrorCode::InvalidArgument);
-    return e.what();
-  }
-  FAIL("expected a ddim::Error");
-  return {};
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+using ddim::test::contains;
+using ddim::test::error_of;
 
 }  // namespace
 

@@ -9,6 +9,7 @@
 
 #include "ddim/error.hpp"
 #include "ddim/schedule.hpp"
+#include "test_util.hpp"
 
 using ddim::BetaSchedule;
 using ddim::PredictionType;
@@ -31,19 +32,8 @@ bool strictly_decreasing_in_range(const std::vector<int>& ts, int T) {
   return true;
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const ddim::Error& e) {
-    CHECK(e.code() == ddim::ErrorCode::InvalidArgument);
-    return e.what();
-  }
-  FAIL("expected a ddim::Error");
-  return {};
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+using ddim::test::contains;
+using ddim::test::error_of;
 
 StepOptions with_eta(double eta) {
   StepOptions o;

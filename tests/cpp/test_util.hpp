@@ -1,5 +1,7 @@
 #pragma once
 // Helpers shared by the C++ tests: small model files the tests write themselves.
+#include <doctest/doctest.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -9,6 +11,21 @@
 #include "graph/unet_builder.hpp"
 
 namespace ddim::test {
+
+inline bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+// Runs f, which must throw ddim::Error(InvalidArgument); returns the message (for CHECKs on it).
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const ddim::Error& e) {
+    CHECK(e.code() == ddim::ErrorCode::InvalidArgument);
+    return e.what();
+  }
+  FAIL("expected a ddim::Error");
+  return {};
+}
 
 // A small U-Net of the DDPM family: two levels (16, 32 channels), multi-head attention at the
 // second, non-square 16x12 samples, groups of 8.
