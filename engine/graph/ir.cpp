@@ -399,6 +399,11 @@ void infer_shapes(Graph& g, int height, int width) {
         break;
       }
     }
+    // Bounds that keep every later size computation far from overflow (a hostile graph could
+    // otherwise chain upsamples until int arithmetic wraps).
+    if (out.c > (1 << 24) || out.h > (1 << 16) || out.w > (1 << 16) || out.elements() > (std::int64_t(1) << 34))
+      bad(n, "output (" + std::to_string(out.c) + ", " + std::to_string(out.h) + ", " + std::to_string(out.w) +
+                 ") exceeds the size limits (C <= 2^24, H and W <= 65536, C*H*W <= 2^34)");
     out.name = n.name;
     out.producer = g.values[n.output].producer;
     g.values[n.output] = out;

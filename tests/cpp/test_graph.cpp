@@ -231,3 +231,15 @@ TEST_CASE("memory plan: the planned arena is smaller than one buffer per value, 
     }
   CHECK(overlaps == 0);
 }
+
+TEST_CASE("graph: a hostile graph cannot grow values past the size limits") {
+  json j = small_graph();
+  auto& nodes = j["nodes"];
+  std::string prev = "sum";
+  for (int i = 0; i < 20; ++i) {
+    std::string name = "up" + std::to_string(i);
+    nodes.push_back({{"name", name}, {"op", "upsample_nearest2x"}, {"inputs", {prev}}});
+    prev = name;
+  }
+  expect_graph_error(j, "exceeds the size limits");
+}
