@@ -16,9 +16,11 @@ struct ExecutorContext {
   int height = 0, width = 0;
 };
 
-// Everything a backend needs to run a whole DDIM sampling loop, prepared on the host.
+// Everything a backend needs to run a whole DDIM sampling loop, prepared on the host. DDIM
+// inversion (Session::invert) runs through the same loop: x_T is the clean x0, the timesteps
+// ascend, and the step parameters carry the inversion's alpha-bars (sigma = 0).
 struct SampleJob {
-  std::vector<int> timesteps;                 // S visited timesteps, sampling order
+  std::vector<int> timesteps;                 // S model-evaluation timesteps, in step order (may repeat)
   std::vector<DdimStepParams> steps;          // S per-step parameters (float, shared math)
   std::vector<std::uint64_t> seeds;           // N per-sample seeds
   std::span<const float> x_T;                 // empty: from the seeds

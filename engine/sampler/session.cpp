@@ -1,13 +1,16 @@
 // ddim::Session: backend selection, argument validation and the host half of sampling (the
 // timestep plan and per-step coefficients), then the backend's executor runs the loop.
 #include <algorithm>
+#include <cmath>
 #include <thread>
 
 #include "backend.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "ddim/session.hpp"
+#include "ddim/toolkit.hpp"
 #include "model_impl.hpp"
+#include "sampler/inversion.hpp"
 #include "schedule/ddim_params.hpp"
 
 namespace ddim {
@@ -171,6 +174,51 @@ SampleResult Session::sample(const SampleOptions& o) {
   r.warning = plan.warning;
   impl_->executor->sample(job, r);
   return r;
+}
+
+InvertResult Session::invert(std::span<const float> x0, const InvertOptions& o) {
+  const Model& model = *impl_->model;
+  const std::size_t N = std::size_t(impl_->options.batch);
+  const std::size_t E = std::size_t(model.info().in_channels) * std::size_t(impl_->height) * std::size_t(impl_->width);
+  if (x0.size() != N * E)
+    throw Error(ErrorCode::InvalidArgument, "invert: x0 has " + std::to_string(x0.size()) +
+                                                " values; the session needs (N, C, H, W) = (" + std::to_string(N) + ", " +
+                                                std::to_string(model.info().in_channels) + ", " +
+                                                std::to_string(impl_->height) + ", " + std::to_string(impl_->width) + ")");
+  const auto bad = std::find_if(x0.begin(), x0.end(), [](float v) { return !std::isfinite(v); });
+  if (bad != x0.end())
+    throw Error(ErrorCode::InvalidArgument,
+                "invert: x0 holds NaN or Inf (first at element " + std::to_string(bad - x0.begin()) + ")");
+  const Scheduler scheduler(model.schedule());
+  InversionPlan plan = plan_inversion(scheduler, o);
+
+  // The sampling loop runs the inversion unchanged: x_T is the given x0, the model is evaluated at
+  // plan.model_timesteps and each step's coefficients carry the ascending alpha-bars. sigma is 0,
+  // so the seeds are never used.
+  SampleJob job;
+  job.timesteps = plan.model_timesteps;
+  job.steps = std::move(plan.steps);
+  job.seeds.assign(N, 0);
+  job.x_T = x0;
+  job.dynamic_thresholding_ratio = model.schedule().dynamic_thresholding_ratio;
+  job.sample_max_value = model.schedule().sample_max_value;
+  job.want_trajectory = o.want_trajectory;
+  job.progress = o.progress;
+  SampleResult r;
+  r.n = int(N);
+  r.c = model.info().in_channels;
+  r.h = impl_->height;
+  r.w = impl_->width;
+  r.timesteps = plan.model_timesteps;
+  impl_->executor->sample(job, r);
+
+  InvertResult out;
+  out.timesteps = std::move(plan.timesteps);
+  out.model_timesteps = std::move(plan.model_timesteps);
+  out.warning = std::move(plan.warning);
+  out.x_T = std::move(r.images);
+  out.trajectory = std::move(r.trajectory);
+  return out;
 }
 
 const PlanInfo& Session::plan_info() const noexcept { return impl_->executor->plan_info(); }

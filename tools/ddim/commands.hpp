@@ -15,11 +15,15 @@ namespace ddim::cli {
 extern const CommandSpec kSampleCommand;
 extern const CommandSpec kForwardCommand;
 extern const CommandSpec kInfoCommand;
+extern const CommandSpec kInvertCommand;
+extern const CommandSpec kInterpolateCommand;
 
 // Each returns the process exit code; errors are thrown (UsageError, ddim::Error).
 int run_sample(const ParsedArgs& args);
 int run_forward(const ParsedArgs& args);
 int run_info(const ParsedArgs& args);
+int run_invert(const ParsedArgs& args);
+int run_interpolate(const ParsedArgs& args);
 
 // "ddim 0.1.0".
 std::string version_string();
@@ -39,6 +43,12 @@ void check_shape(std::span<const std::int64_t> shape, std::span<const std::int64
                  const std::string& meaning);
 // ddim::Error(InvalidArgument) when the data holds NaN or Inf.
 void check_finite(std::span<const float> data, const std::string& what);
+
+// "999,979,959": a timestep list as the options take it.
+std::string join(const std::vector<int>& values);
+
+// A one-line progress bar on stderr (for use when stderr is a terminal).
+ProgressCallback make_progress_bar();
 
 // Seconds since `start`.
 double seconds_since(std::chrono::steady_clock::time_point start);

@@ -1,6 +1,7 @@
 // Helpers shared by the ddim subcommands.
 #include <algorithm>
 #include <cctype>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <system_error>
@@ -81,6 +82,28 @@ void check_finite(std::span<const float> data, const std::string& what) {
     throw Error(ErrorCode::InvalidArgument, what + " contains NaN or Inf (first at element " +
                                                 std::to_string(it - data.begin()) + ")");
   }
+}
+
+std::string join(const std::vector<int>& values) {
+  std::string out;
+  for (std::size_t i = 0; i < values.size(); ++i) out += (i > 0 ? "," : "") + std::to_string(values[i]);
+  return out;
+}
+
+ProgressCallback make_progress_bar() {
+  const auto start = std::chrono::steady_clock::now();
+  return [start](int done, int total) {
+    constexpr int kWidth = 30;
+    const int filled = total > 0 ? std::clamp(done * kWidth / total, 0, kWidth) : kWidth;
+    const double elapsed = seconds_since(start);
+    const double remaining = done > 0 ? elapsed * (total - done) / done : 0.0;
+    std::fprintf(stderr, "\r[%.*s%.*s] %d/%d  %.1fs elapsed, %.1fs left ", filled,
+                 "==============================", kWidth - filled, "                              ", done, total,
+                 elapsed, remaining);
+    if (done >= total) std::fputc('\n', stderr);
+    std::fflush(stderr);
+    return true;
+  };
 }
 
 double seconds_since(std::chrono::steady_clock::time_point start) {

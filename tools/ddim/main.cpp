@@ -27,6 +27,8 @@ struct Command {
 const Command kCommands[] = {
     {&ddim::cli::kSampleCommand, ddim::cli::run_sample},
     {&ddim::cli::kForwardCommand, ddim::cli::run_forward},
+    {&ddim::cli::kInvertCommand, ddim::cli::run_invert},
+    {&ddim::cli::kInterpolateCommand, ddim::cli::run_interpolate},
     {&ddim::cli::kInfoCommand, ddim::cli::run_info},
 };
 
@@ -41,7 +43,7 @@ std::string global_usage() {
   std::string out = "usage: ddim <command> [options]\n       ddim <command> --help\n       ddim --version\n\ncommands:\n";
   for (const Command& command : kCommands) {
     std::string name(command.spec->name);
-    out += "  " + name + std::string(10 - name.size(), ' ') + std::string(command.spec->summary) + "\n";
+    out += "  " + name + std::string(name.size() < 12 ? 13 - name.size() : 1, ' ') + std::string(command.spec->summary) + "\n";
   }
   return out;
 }

@@ -1,4 +1,5 @@
-// PNG writer and minimal reader (8-bit grayscale / RGB, non-interlaced).
+// PNG writer (8-bit grayscale / RGB) and reader (8-bit grayscale / RGB / RGBA, non-interlaced,
+// all five row filters).
 //
 // File: 8-byte signature, then chunks of (u32 BE length, 4-byte type, data, u32 BE CRC-32 of
 // type + data): IHDR, tEXt/iTXt, IDAT (zlib stream of rows, each prefixed by a filter byte), IEND.
@@ -123,12 +124,12 @@ std::uint8_t float_to_byte(float x) {
   return static_cast<std::uint8_t>(std::floor(v * 255.0 + 0.5));
 }
 
-Image batch_to_grid(std::span<const float> batch, int n, int c, int h, int w, int padding) {
+Image batch_to_grid(std::span<const float> batch, int n, int c, int h, int w, int padding, int columns) {
   if (c != 1 && c != 3) {
     throw Error(ErrorCode::InvalidArgument,
                 "cannot make an image of " + std::to_string(c) + " channels (1: grayscale, 3: RGB); save .npy instead");
   }
-  if (n < 1 || h < 1 || w < 1 || padding < 0) {
+  if (n < 1 || h < 1 || w < 1 || padding < 0 || columns < 0) {
     throw Error(ErrorCode::InvalidArgument, "batch_to_grid: invalid batch shape (" + std::to_string(n) + ", " +
                                                 std::to_string(c) + ", " + std::to_string(h) + ", " +
                                                 std::to_string(w) + ")");
@@ -142,7 +143,7 @@ Image batch_to_grid(std::span<const float> batch, int n, int c, int h, int w, in
   int nrow = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(n))));
   while (static_cast<std::int64_t>(nrow) * nrow < n) ++nrow;  // guard against sqrt rounding
   while (nrow > 1 && static_cast<std::int64_t>(nrow - 1) * (nrow - 1) >= n) --nrow;
-  const int cols = std::min(nrow, n);
+  const int cols = columns > 0 ? std::min(columns, n) : std::min(nrow, n);
   const int rows = (n + cols - 1) / cols;
   const std::int64_t grid_w = static_cast<std::int64_t>(cols) * (w + padding) + padding;
   const std::int64_t grid_h = static_cast<std::int64_t>(rows) * (h + padding) + padding;
@@ -273,13 +274,20 @@ DecodedPng decode_png(std::span<const std::uint8_t> bytes, const std::string& na
       const std::uint32_t width = get_be32(data.data()), height = get_be32(data.data() + 4);
       bit_depth = data[8];
       const int color = data[9];
-      if (bit_depth != 8 || (color != 0 && color != 2)) {
-        bad_png(name, "only 8-bit grayscale or RGB is supported (bit depth " + std::to_string(bit_depth) +
-                          ", color type " + std::to_string(color) + ")");
+      if (color == 3) {
+        bad_png(name, "palette (indexed-color) PNGs are not supported; convert the image to 8-bit RGB or grayscale");
+      }
+      if (color == 4) {
+        bad_png(name, "grayscale+alpha PNGs are not supported; convert the image to 8-bit grayscale, RGB or RGBA");
+      }
+      if (color != 0 && color != 2 && color != 6) bad_png(name, "invalid color type " + std::to_string(color));
+      if (bit_depth != 8) {
+        bad_png(name, "bit depth " + std::to_string(bit_depth) +
+                          " is not supported; only 8-bit grayscale, RGB or RGBA images are read");
       }
       if (data[10] != 0 || data[11] != 0) bad_png(name, "unknown compression or filter method");
-      if (data[12] != 0) bad_png(name, "interlaced PNGs are not supported");
-      result.image.channels = color == 0 ? 1 : 3;
+      if (data[12] != 0) bad_png(name, "interlaced (Adam7) PNGs are not supported; save the image without interlacing");
+      result.image.channels = color == 0 ? 1 : color == 2 ? 3 : 4;
       if (checked_pixel_bytes(width, height, static_cast<std::uint64_t>(result.image.channels)) == 0) {
         bad_png(name, "invalid image size " + std::to_string(width) + "x" + std::to_string(height));
       }
@@ -328,5 +336,33 @@ DecodedPng decode_png(std::span<const std::uint8_t> bytes, const std::string& na
 }
 
 DecodedPng read_png(const std::filesystem::path& path) { return decode_png(read_file(path), path.string()); }
+
+std::vector<float> image_to_tensor(const Image& image, int channels, const std::string& name) {
+  const auto kind = [](int c) -> std::string {
+    return c == 1 ? "grayscale" : c == 3 ? "RGB" : c == 4 ? "RGBA" : std::to_string(c) + "-channel";
+  };
+  const bool rgb_like = image.channels == 3 || image.channels == 4;
+  if (!(image.channels == channels || (channels == 3 && image.channels == 4))) {
+    throw Error(ErrorCode::InvalidArgument,
+                name + ": the image is " + kind(image.channels) + " but the model takes " + std::to_string(channels) +
+                    (channels == 1 ? " channel (grayscale)" : channels == 3 ? " channels (RGB)" : " channels") +
+                    (channels == 1 && rgb_like   ? "; convert the image to grayscale"
+                     : channels == 3 && !rgb_like ? "; convert the image to RGB"
+                                                  : ""));
+  }
+  const std::size_t plane = static_cast<std::size_t>(image.width) * static_cast<std::size_t>(image.height);
+  const std::size_t stride = static_cast<std::size_t>(image.channels);
+  if (image.width < 1 || image.height < 1 || image.pixels.size() != plane * stride) {
+    throw Error(ErrorCode::InvalidArgument, name + ": invalid image");
+  }
+  std::vector<float> out(plane * static_cast<std::size_t>(channels));
+  for (int ch = 0; ch < channels; ++ch) {
+    float* dst = out.data() + static_cast<std::size_t>(ch) * plane;
+    for (std::size_t i = 0; i < plane; ++i) {
+      dst[i] = static_cast<float>(static_cast<double>(image.pixels[i * stride + static_cast<std::size_t>(ch)]) / 127.5 - 1.0);
+    }
+  }
+  return out;
+}
 
 }  // namespace ddim::tools

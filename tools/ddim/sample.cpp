@@ -49,29 +49,6 @@ std::string format_real(double v) {
   return buf;
 }
 
-std::string join(const std::vector<int>& values) {
-  std::string out;
-  for (std::size_t i = 0; i < values.size(); ++i) out += (i > 0 ? "," : "") + std::to_string(values[i]);
-  return out;
-}
-
-// A one-line progress bar on stderr (only used when stderr is a terminal).
-ProgressCallback make_progress_bar() {
-  const auto start = std::chrono::steady_clock::now();
-  return [start](int done, int total) {
-    constexpr int kWidth = 30;
-    const int filled = total > 0 ? std::clamp(done * kWidth / total, 0, kWidth) : kWidth;
-    const double elapsed = seconds_since(start);
-    const double remaining = done > 0 ? elapsed * (total - done) / done : 0.0;
-    std::fprintf(stderr, "\r[%.*s%.*s] %d/%d  %.1fs elapsed, %.1fs left ", filled,
-                 "==============================", kWidth - filled, "                              ", done, total,
-                 elapsed, remaining);
-    if (done >= total) std::fputc('\n', stderr);
-    std::fflush(stderr);
-    return true;
-  };
-}
-
 }  // namespace
 
 const CommandSpec kSampleCommand{"sample", "", "Generate samples with DDIM from seeds or a given x_T.", kOptions};

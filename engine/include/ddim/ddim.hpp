@@ -4,3 +4,4 @@
 #include "ddim/model.hpp"
 #include "ddim/schedule.hpp"
 #include "ddim/session.hpp"
+#include "ddim/toolkit.hpp"

@@ -17,6 +17,9 @@
 
 namespace ddim {
 
+struct InvertOptions;  // ddim/toolkit.hpp
+struct InvertResult;
+
 enum class BackendKind { Auto, Cpu, Cuda };
 enum class Precision { Auto, FP32, FP16, BF16 };  // Auto: fp16 on CUDA, fp32 on the CPU
 
@@ -89,6 +92,10 @@ class Session {
 
   // DDIM sampling of a whole batch.
   SampleResult sample(const SampleOptions& options);
+  // Deterministic DDIM inversion of x0 (N, C, H, W) to the x_T from which sample() with the same
+  // steps and spacing at eta = 0 (clip_sample off) returns x0, up to the discretisation error
+  // (see ddim/toolkit.hpp for the exact sequences).
+  InvertResult invert(std::span<const float> x0, const InvertOptions& options);
   // One network forward pass: x (N, C, H, W), t one timestep for all or one per sample.
   // Returns the model output (N, C_out, H, W).
   std::vector<float> forward(std::span<const float> x, std::span<const int> t);
