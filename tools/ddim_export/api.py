@@ -1,0 +1,216 @@
+"""The exporter's entry points: a UNet2DModel in memory, a diffusers folder, an original DDPM checkpoint,
+and the random-weight presets."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .arch import UNetArch, arch_from_diffusers_config, arch_from_original_config, split_original_config
+from .checkpoint import (find_scheduler_config, find_unet_folder, load_diffusers_weights, load_tensor_file, read_json,
+                         rename_legacy_attention, unwrap_state_dict)
+from .errors import ExportError, note
+from .graph import BuiltGraph, DiffusersNaming, OriginalNaming, build_graph
+from .schedule import Schedule, schedule_from_original_config, schedule_from_scheduler_config
+from .verify import DEFAULT_TOLERANCE, VerifyReport, _quiet_diffusers, reference_unet
+from .verify import verify as run_verify
+from .writer import normalize_dtype, select_tensors, write_model
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    arch: UNetArch
+    built: BuiltGraph
+    schedule: Schedule
+    dtype: str
+    reference: Callable[[], torch.nn.Module]  # builds the float32 PyTorch model that `verify` compares against
+    verify_report: VerifyReport | None = None
+
+    @property
+    def num_parameters(self) -> int:
+        return self.built.num_parameters
+
+    def verify(self, **kwargs) -> VerifyReport:
+        self.verify_report = run_verify(self.path, self.reference(), **kwargs)
+        return self.verify_report
+
+
+def _finish(out, arch: UNetArch, built: BuiltGraph, schedule: Schedule, tensors: dict[str, torch.Tensor], dtype: str,
+            reference: Callable[[], torch.nn.Module], provenance: dict[str, str], ddim, check: bool, do_verify: bool,
+            tolerance: float, timesteps: Iterable[int] | None) -> ExportResult:
+    dtype = normalize_dtype(dtype)
+    if arch.out_channels != arch.in_channels:
+        note(f"the network outputs {arch.out_channels} channels for {arch.in_channels} input channels: `ddim forward` "
+             "runs it, but `ddim sample` needs the output to have the input's channels (a learned-variance model "
+             "would have to be cut to its epsilon half)")
+    path = write_model(out, built, schedule, tensors, dtype, provenance, ddim=ddim, check=check)
+    result = ExportResult(path, arch, built, schedule, dtype, reference)
+    if do_verify:
+        result.verify(ddim=ddim, tolerance=tolerance, timesteps=timesteps)
+    return result
+
+
+def _diffusers_reference(config: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """UNet2DModel.from_config(config) with `state` (built on the meta device, then given the tensors)."""
+    from diffusers import UNet2DModel
+
+    with _quiet_diffusers(), torch.device("meta"):
+        model = UNet2DModel.from_config(config)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def export(unet_module, scheduler_config, path, dtype: str = "float32", *, ddim=None, verify: bool = False,
+           tolerance: float = DEFAULT_TOLERANCE, timesteps: Iterable[int] | None = None,
+           check: bool = True) -> ExportResult:
+    """Exports a diffusers UNet2DModel held in memory. `scheduler_config`: a dict, a diffusers scheduler, a path
+    to a scheduler_config.json, or None (DDIMScheduler's defaults)."""
+    name = type(unet_module).__name__
+    config = getattr(unet_module, "config", None)
+    if config is None or not hasattr(unet_module, "state_dict"):
+        raise ExportError(f"export() needs a diffusers UNet2DModel, got {name}")
+    if name != "UNet2DModel" and dict(config).get("_class_name", name) != "UNet2DModel":
+        raise ExportError(f"export() needs a diffusers UNet2DModel, got {name}")
+    config = {k: v for k, v in dict(config).items()}
+    arch = arch_from_diffusers_config(config)
+    built = build_graph(arch, DiffusersNaming())
+    tensors = select_tensors(built, dict(unet_module.state_dict()), "UNet2DModel state dict",
+                             hint=arch.missing_keys_hint())
+    schedule = schedule_from_scheduler_config(scheduler_config)
+    return _finish(path, arch, built, schedule, tensors, dtype, lambda: unet_module,
+                   {"source": "diffusers UNet2DModel"}, ddim, check, verify, tolerance, timesteps)
+
+
+def export_diffusers(dir, out, dtype: str = "float32", scheduler_config=None, *, ddim=None, verify: bool = False,
+                     tolerance: float = DEFAULT_TOLERANCE, timesteps: Iterable[int] | None = None,
+                     check: bool = True) -> ExportResult:
+    """Exports a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors or .bin), or the
+    unet/ of a pipeline folder. The schedule comes from `scheduler_config` (path, dict or scheduler), else from
+    scheduler_config.json beside the model or in the pipeline's scheduler/ folder, else DDIMScheduler's defaults."""
+    root = Path(dir)
+    unet_dir = find_unet_folder(root)
+    config = read_json(unet_dir / "config.json", "model config")
+    arch = arch_from_diffusers_config(config, f"{unet_dir / 'config.json'}")
+    state = rename_legacy_attention(load_diffusers_weights(unet_dir))
+    built = build_graph(arch, DiffusersNaming())
+    tensors = select_tensors(built, state, str(unet_dir), hint=arch.missing_keys_hint())
+    if scheduler_config is None:
+        found = find_scheduler_config(unet_dir, root)
+        if found is not None:
+            note(f"schedule from {found}")
+            scheduler_config = found
+    where = str(scheduler_config) if isinstance(scheduler_config, (str, os.PathLike)) else "scheduler config"
+    schedule = schedule_from_scheduler_config(scheduler_config, where)
+    return _finish(out, arch, built, schedule, tensors, dtype, lambda: _diffusers_reference(config, state),
+                   {"source": f"diffusers {unet_dir.resolve().name}"}, ddim, check, verify, tolerance, timesteps)
+
+
+def _load_config(config, what: str) -> dict[str, Any]:
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return read_json(Path(config), what)
+    raise ExportError(f"{what} must be a dict or a path to a JSON file, not {type(config).__name__}")
+
+
+def export_ddpm_checkpoint(checkpoint, config, out, dtype: str = "float32", *, ema: bool = False, ddim=None,
+                           verify: bool = False, tolerance: float = DEFAULT_TOLERANCE,
+                           timesteps: Iterable[int] | None = None, check: bool = True) -> ExportResult:
+    """Exports a checkpoint of the original DDPM / DDIM code (ermongroup/ddim, pesser/pytorch_diffusion), keeping
+    its tensor names. `checkpoint`: a path (.ckpt/.pth/.pt via torch.load(weights_only=True), or .safetensors) or a
+    state dict; `config`: a path or dict, flat or ermongroup's {"model", "diffusion", "data"}. With `ema`, the EMA
+    copy of an ermongroup checkpoint is exported."""
+    cfg = _load_config(config, "--config")
+    where = str(config) if isinstance(config, (str, os.PathLike)) else "config"
+    arch = arch_from_original_config(cfg, where)
+    model_cfg, diffusion_cfg, rest = split_original_config(cfg, where)
+    schedule = schedule_from_original_config(diffusion_cfg, model_cfg, rest.get("scheduler"), where)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        obj, cwhere = load_tensor_file(checkpoint), str(checkpoint)
+    else:
+        obj, cwhere = checkpoint, "checkpoint"
+    state = unwrap_state_dict(obj, cwhere, ema=ema)
+    ignore = []
+    if "logvar" in state and model_cfg.get("type") == "bayesian":
+        note("dropping 'logvar' (the 'bayesian' model's variance table; DDIM sampling does not use it)")
+        ignore.append("logvar")
+    naming = OriginalNaming(arch.levels, state.keys())
+    built = build_graph(arch, naming)
+    tensors = select_tensors(built, state, cwhere, ignore)
+
+    def reference() -> torch.nn.Module:
+        return reference_unet(arch, {p.canonical: state[p.tensor] for p in built.params})
+
+    return _finish(out, arch, built, schedule, tensors, dtype, reference,
+                   {"source": f"original DDPM checkpoint {Path(cwhere).name}"}, ddim, check, verify, tolerance,
+                   timesteps)
+
+
+# ---------------------------------------------------------------- presets
+
+_COMMON = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "attention_head_dim": None,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-6,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "act_fn": "silu",
+    "mid_block_scale_factor": 1,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # google/ddpm-cifar10-32: levels at 32, 16, 8, 4; attention at 16x16 = level 1 (up_blocks.2), 256 wide.
+    "cifar10-32": dict(_COMMON, sample_size=32, block_out_channels=[128, 256, 256, 256],
+                       down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+                       up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]),
+    # google/ddpm-celebahq-256: levels at 256 ... 8; attention at 16x16 = level 4 (up_blocks.1), 512 wide.
+    "celebahq-256": dict(_COMMON, sample_size=256, block_out_channels=[128, 128, 256, 256, 512, 512],
+                         down_block_types=["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D",
+                                           "AttnDownBlock2D", "DownBlock2D"],
+                         up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D",
+                                         "UpBlock2D"]),
+}
+
+# Their DDPMScheduler: linear betas 1e-4..0.02 over 1000 steps, epsilon.
+PRESET_SCHEDULER: dict[str, Any] = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "clip_sample": True,
+    "variance_type": "fixed_small",
+}
+
+
+def preset_unet(name: str, seed: int = 0):
+    """A UNet2DModel of a preset architecture with PyTorch's default initialisation, drawn from `seed`
+    (the same seed gives the same weights; the caller's RNG state is left untouched)."""
+    if name not in PRESETS:
+        raise ExportError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ExportError(f"the seed must be a non-negative integer, got {seed!r}")
+    from diffusers import UNet2DModel
+
+    with _quiet_diffusers(), torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        model = UNet2DModel(**PRESETS[name])
+    return model.eval()
+
+
+def export_preset(name: str, seed: int, out, dtype: str = "float32", **kwargs) -> ExportResult:
+    """export(preset_unet(name, seed), PRESET_SCHEDULER, out, dtype, ...)."""
+    return export(preset_unet(name, seed), PRESET_SCHEDULER, out, dtype, **kwargs)
+
