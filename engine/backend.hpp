@@ -8,6 +8,7 @@
 
 #include "ddim/session.hpp"
 #include "kernels/ddim_step.h"
+#include "kernels/ddpm_step.h"
 
 namespace ddim {
 
@@ -18,7 +19,9 @@ struct ExecutorContext {
 
 // Everything a backend needs to run a whole DDIM sampling loop, prepared on the host. DDIM
 // inversion (Session::invert) runs through the same loop: x_T is the clean x0, the timesteps
-// ascend, and the step parameters carry the inversion's alpha-bars (sigma = 0).
+// ascend, and the step parameters carry the inversion's alpha-bars (sigma = 0). DDPM ancestral
+// sampling (Session::sample_ddpm) too: its steps select the DDPM update (DdimStepParams::update,
+// kernels/ddpm_step.h), with sigma the posterior standard deviation (noise drawn when sigma > 0).
 struct SampleJob {
   std::vector<int> timesteps;                 // S model-evaluation timesteps, in step order (may repeat)
   std::vector<DdimStepParams> steps;          // S per-step parameters (float, shared math)

@@ -16,6 +16,9 @@ namespace ddim {
 
 enum : int { kPredEpsilon = 0, kPredV = 1, kPredSample = 2 };
 enum : int { kClipNone = 0, kClipRange = 1, kClipThreshold = 2 };
+// Which update a step applies to the clipped x0 prediction: the DDIM update below or DDPM's
+// ancestral step (kernels/ddpm_step.h). Both share the x0 prediction and the clipping.
+enum : int { kUpdateDdim = 0, kUpdateDdpm = 1 };
 
 struct DdimStepParams {
   float sqrt_alpha_t = 1.f;            // sqrt(a_t)
@@ -28,6 +31,10 @@ struct DdimStepParams {
   int clip = kClipNone;
   int use_clipped_model_output = 0;
   int t = 0;                           // the timestep (for the forward's table row)
+  int update = kUpdateDdim;
+  // kUpdateDdpm only (sigma is then the posterior standard deviation, 0 at t = 0):
+  float coef_x0 = 0.f;                 // sqrt(a_prev) beta_t / (1 - a_t)
+  float coef_xt = 0.f;                 // sqrt(alpha_t) (1 - a_prev) / (1 - a_t)
 };
 
 // The unclipped x0 prediction.

@@ -176,6 +176,49 @@ SampleResult Session::sample(const SampleOptions& o) {
   return r;
 }
 
+SampleResult Session::sample_ddpm(const DdpmOptions& o) {
+  const Model& model = *impl_->model;
+  const Scheduler scheduler(model.schedule());
+  const std::vector<double>& ac = scheduler.alphas_cumprod();
+  const int T = model.schedule().num_train_timesteps;
+  const std::size_t N = std::size_t(impl_->options.batch);
+  const std::size_t E = std::size_t(model.info().in_channels) * std::size_t(impl_->height) * std::size_t(impl_->width);
+  if (!o.x_T.empty() && o.x_T.size() != N * E)
+    throw Error(ErrorCode::InvalidArgument, "sample_ddpm: x_T has " + std::to_string(o.x_T.size()) +
+                                                " values; the session needs (N, C, H, W) = (" + std::to_string(N) + ", " +
+                                                std::to_string(model.info().in_channels) + ", " + std::to_string(impl_->height) +
+                                                ", " + std::to_string(impl_->width) + ")");
+  if (!o.noise.empty() && o.noise.size() != std::size_t(T) * N * E)
+    throw Error(ErrorCode::InvalidArgument, "sample_ddpm: noise has " + std::to_string(o.noise.size()) +
+                                                " values; expected (T, N, C, H, W) with T = " + std::to_string(T) +
+                                                " training timesteps and N = " + std::to_string(N));
+  const VarianceType variance = o.variance.value_or(model.schedule().variance_type);
+
+  // The DDIM loop runs DDPM unchanged: each step's parameters select the DDPM update.
+  SampleJob job;
+  for (int t = T - 1; t >= 0; --t) {
+    job.timesteps.push_back(t);
+    job.steps.push_back(make_ddpm_step_params(t, ac, model.schedule(), variance, o.clip_sample));
+  }
+  for (std::size_t b = 0; b < N; ++b) job.seeds.push_back(o.seed + b);
+  job.x_T = o.x_T;
+  job.noise = o.noise;
+  job.dynamic_thresholding_ratio = model.schedule().dynamic_thresholding_ratio;
+  job.sample_max_value = model.schedule().sample_max_value;
+  job.want_trajectory = o.want_trajectory;
+  job.want_x0 = o.want_x0;
+  job.progress = o.progress;
+
+  SampleResult r;
+  r.n = int(N);
+  r.c = model.info().in_channels;
+  r.h = impl_->height;
+  r.w = impl_->width;
+  r.timesteps = job.timesteps;
+  impl_->executor->sample(job, r);
+  return r;
+}
+
 InvertResult Session::invert(std::span<const float> x0, const InvertOptions& o) {
   const Model& model = *impl_->model;
   const std::size_t N = std::size_t(impl_->options.batch);

@@ -50,6 +50,38 @@ DdimStepParams make_step_params(const DdimCoefficients& c, const ScheduleConfig&
   return p;
 }
 
+DdimStepParams make_ddpm_step_params(int t, std::span<const double> ac, const ScheduleConfig& config,
+                                     VarianceType variance, std::optional<bool> clip_sample) {
+  const int T = static_cast<int>(ac.size());
+  if (t < 0 || t >= T) invalid("DDPM step: timestep " + std::to_string(t) + " is outside [0, " + std::to_string(T) + ")");
+  if (variance != VarianceType::FixedSmall && variance != VarianceType::FixedSmallLog &&
+      variance != VarianceType::FixedLarge)
+    throw Error(ErrorCode::Unsupported, std::string("DDPM sampling supports the variance types fixed_small and "
+                                                    "fixed_large (fixed_small_log), not ") + to_string(variance));
+  const double a_t = ac[static_cast<std::size_t>(t)];
+  const double a_prev = t > 0 ? ac[static_cast<std::size_t>(t - 1)] : 1.0;
+  if (!(a_t < 1.0)) invalid("DDPM step: alpha-bar at timestep " + std::to_string(t) + " is 1 (no noise to remove)");
+  if (!(a_t > 0.0) && config.prediction_type == PredictionType::Epsilon)
+    invalid("DDPM step: alpha-bar at timestep " + std::to_string(t) + " is 0, where an epsilon model cannot predict x0");
+  const double alpha = a_t / a_prev, beta = 1.0 - alpha;
+  DdimStepParams p;
+  p.update = kUpdateDdpm;
+  p.t = t;
+  p.sqrt_alpha_t = static_cast<float>(std::sqrt(a_t));
+  p.sqrt_one_minus_alpha_t = static_cast<float>(std::sqrt(1.0 - a_t));
+  p.sqrt_alpha_prev = static_cast<float>(std::sqrt(a_prev));
+  p.coef_x0 = static_cast<float>(std::sqrt(a_prev) * beta / (1.0 - a_t));
+  p.coef_xt = static_cast<float>(std::sqrt(alpha) * (1.0 - a_prev) / (1.0 - a_t));
+  double var = 0.0;
+  if (t > 0) var = variance == VarianceType::FixedLarge ? beta : std::max((1.0 - a_prev) / (1.0 - a_t) * beta, 1e-20);
+  p.sigma = static_cast<float>(std::sqrt(var));
+  p.dir = 0.f;
+  p.clip_range = static_cast<float>(config.clip_sample_range);
+  p.prediction = prediction_code(config.prediction_type);
+  p.clip = config.thresholding ? kClipThreshold : clip_sample.value_or(config.clip_sample) ? kClipRange : kClipNone;
+  return p;
+}
+
 float dynamic_threshold(std::span<const float> x0, double ratio, double max_value) {
   if (x0.empty()) invalid("dynamic thresholding of an empty sample");
   if (!(ratio > 0.0 && ratio <= 1.0)) invalid("dynamic_thresholding_ratio must be in (0, 1]");
@@ -81,7 +113,7 @@ void ddim_step_sample(const DdimStepParams& p, std::span<const float> x, std::sp
   const float s = p.clip == kClipThreshold ? dynamic_threshold(x0, threshold_ratio, threshold_max) : 1.f;
   for (std::size_t i = 0; i < n; ++i) {
     x0[i] = ddim_clip_x0(x0[i], p, s);
-    prev[i] = ddim_prev_sample(x[i], out[i], x0[i], p.sigma > 0.f ? z[i] : 0.f, p);  // prev may alias x
+    prev[i] = step_prev_sample(x[i], out[i], x0[i], p.sigma > 0.f ? z[i] : 0.f, p);  // prev may alias x
   }
 }
 

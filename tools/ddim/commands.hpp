@@ -17,6 +17,8 @@ extern const CommandSpec kForwardCommand;
 extern const CommandSpec kInfoCommand;
 extern const CommandSpec kInvertCommand;
 extern const CommandSpec kInterpolateCommand;
+extern const CommandSpec kCompareCommand;
+extern const CommandSpec kEtaStudyCommand;
 
 // Each returns the process exit code; errors are thrown (UsageError, ddim::Error).
 int run_sample(const ParsedArgs& args);
@@ -24,6 +26,8 @@ int run_forward(const ParsedArgs& args);
 int run_info(const ParsedArgs& args);
 int run_invert(const ParsedArgs& args);
 int run_interpolate(const ParsedArgs& args);
+int run_compare(const ParsedArgs& args);
+int run_eta_study(const ParsedArgs& args);
 
 // "ddim 0.1.0".
 std::string version_string();

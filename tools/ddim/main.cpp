@@ -29,6 +29,8 @@ const Command kCommands[] = {
     {&ddim::cli::kForwardCommand, ddim::cli::run_forward},
     {&ddim::cli::kInvertCommand, ddim::cli::run_invert},
     {&ddim::cli::kInterpolateCommand, ddim::cli::run_interpolate},
+    {&ddim::cli::kCompareCommand, ddim::cli::run_compare},
+    {&ddim::cli::kEtaStudyCommand, ddim::cli::run_eta_study},
     {&ddim::cli::kInfoCommand, ddim::cli::run_info},
 };
 

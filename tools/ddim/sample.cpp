@@ -1,4 +1,5 @@
-// ddim sample: DDIM sampling of a batch to PNG / .npy.
+// ddim sample: DDIM sampling of a batch to PNG / .npy (or, with --sampler ddpm, DDPM ancestral
+// sampling over all T training timesteps).
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include "ddim/error.hpp"
 #include "ddim/model.hpp"
 #include "ddim/schedule.hpp"
+#include "ddim/toolkit.hpp"
 #include "npy.hpp"
 #include "png.hpp"
 
@@ -20,6 +22,8 @@ namespace {
 
 constexpr OptionSpec kOptions[] = {
     {"--model", "FILE", "", "model file", true},
+    {"--sampler", "NAME", "ddim", "ddim|ddpm; ddpm runs all T training timesteps (--steps is ignored)"},
+    {"--variance", "NAME", "", "ddpm only: fixed_small|fixed_large (default: the model's variance_type)"},
     {"--steps", "N", "50", "number of DDIM steps"},
     {"--eta", "X", "0", "DDIM eta: 0 is deterministic, 1 is DDPM-like"},
     {"--seed", "N", "0", "base seed; sample i uses seed + i"},
@@ -32,7 +36,7 @@ constexpr OptionSpec kOptions[] = {
     {"--width", "W", "", "sample width (default: the model's)"},
     {"--threads", "N", "0", "CPU worker threads, 0 for all cores"},
     {"--x-T", "FILE", "", "start from this float32 (N, C, H, W) .npy instead of seeded noise"},
-    {"--noise", "FILE", "", "float32 (S, N, C, H, W) .npy: the unit-normal noise of each step (needs eta > 0)"},
+    {"--noise", "FILE", "", "float32 (S, N, C, H, W) .npy: the unit-normal noise of each step (needs eta > 0; ddpm: S = T)"},
     {"--out", "FILE", "samples.png", "output: a .png grid or a .npy of the raw float32 (N, C, H, W); skipped when only --out-dir is given"},
     {"--out-dir", "DIR", "", "also write one PNG per sample, <seed>_<index>.png, with metadata"},
     {"--trajectory", "FILE", "", "write x_t after every step, x_T first: float32 (S+1, N, C, H, W) .npy"},
@@ -95,7 +99,30 @@ int run_sample(const ParsedArgs& args) {
 
   const std::optional<std::string> x_T_path = args.get("--x-T");
   const std::optional<std::string> noise_path = args.get("--noise");
-  if (noise_path && eta == 0.0) {
+  const std::string sampler = args.str("--sampler");
+  if (sampler != "ddim" && sampler != "ddpm") throw UsageError("--sampler: '" + sampler + "' (expected ddim or ddpm)");
+  const bool ddpm = sampler == "ddpm";
+  DdpmOptions ddpm_options;
+  if (ddpm) {
+    for (const char* option : {"--eta", "--spacing", "--timesteps", "--set-alpha-to-one", "--steps-offset",
+                               "--use-clipped-model-output"}) {
+      if (args.given(option)) throw UsageError(std::string(option) + " applies to --sampler ddim only");
+    }
+    if (const auto variance = args.get("--variance")) {
+      try {
+        ddpm_options.variance = parse_variance_type(*variance);
+      } catch (const ddim::Error& e) {
+        throw UsageError(std::string("--variance: ") + e.what());
+      }
+      if (*ddpm_options.variance != VarianceType::FixedSmall && *ddpm_options.variance != VarianceType::FixedLarge)
+        throw UsageError("--variance: '" + *variance + "' (expected fixed_small or fixed_large)");
+    }
+    ddpm_options.seed = seed;
+    ddpm_options.clip_sample = options.clip_sample;
+  } else if (args.given("--variance")) {
+    throw UsageError("--variance applies to --sampler ddpm only");
+  }
+  if (noise_path && eta == 0.0 && !ddpm) {
     throw UsageError("--noise needs --eta > 0 (with eta = 0 no noise is added)");
   }
   const std::optional<std::string> out_dir = args.get("--out-dir");
@@ -152,9 +179,13 @@ int run_sample(const ParsedArgs& args) {
 
   // The timesteps this run visits (the same computation the session makes), for --noise.
   const Scheduler scheduler(model->schedule());
-  const TimestepPlan plan = options.timesteps.empty()
-                                ? scheduler.timesteps(steps, options.spacing, options.steps_offset)
-                                : scheduler.custom_timesteps(options.timesteps);
+  TimestepPlan plan;
+  if (ddpm) {
+    for (int t = model->schedule().num_train_timesteps - 1; t >= 0; --t) plan.timesteps.push_back(t);
+  } else {
+    plan = options.timesteps.empty() ? scheduler.timesteps(steps, options.spacing, options.steps_offset)
+                                     : scheduler.custom_timesteps(options.timesteps);
+  }
   const auto visited = static_cast<std::int64_t>(plan.timesteps.size());
   tools::NpyArray noise;
   if (noise_path) {
@@ -169,14 +200,18 @@ int run_sample(const ParsedArgs& args) {
   }
   options.want_trajectory = trajectory_path.has_value();
   options.want_x0 = x0_path.has_value();
+  ddpm_options.x_T = options.x_T;
+  ddpm_options.noise = options.noise;
+  ddpm_options.want_trajectory = options.want_trajectory;
+  ddpm_options.want_x0 = options.want_x0;
 
   // ---- sample
   session_options.batch = batch;
   const std::unique_ptr<Session> session = Session::create(model, session_options);
   const PlanInfo& plan_info = session->plan_info();
-  if (isatty(STDERR_FILENO)) options.progress = make_progress_bar();
+  if (isatty(STDERR_FILENO)) options.progress = ddpm_options.progress = make_progress_bar();
   const auto start = std::chrono::steady_clock::now();
-  const SampleResult result = session->sample(options);
+  const SampleResult result = ddpm ? session->sample_ddpm(ddpm_options) : session->sample(options);
   const double seconds = seconds_since(start);
   if (!result.warning.empty()) std::cerr << "ddim: warning: " << result.warning << "\n";
 
@@ -191,13 +226,15 @@ int run_sample(const ParsedArgs& args) {
   expect_size(result.images, n * c * h * w, "image");
 
   // ---- outputs: everything encoded first, then written (each write atomic)
-  const std::string spacing_name = options.timesteps.empty()
+  const std::string spacing_name = ddpm ? "all"
+                                   : options.timesteps.empty()
                                        ? to_string(options.spacing.value_or(model->schedule().timestep_spacing))
                                        : "custom";
   tools::TextChunks common_text = {
       {"Software", version_string()},
       {"steps", std::to_string(S)},
-      {"eta", format_real(eta)},
+      {"sampler", sampler},
+      {"eta", ddpm ? std::string("-") : format_real(eta)},
       {"spacing", spacing_name},
       {"timesteps", join(result.timesteps)},
       {"model", model_path.string()},
@@ -251,9 +288,12 @@ int run_sample(const ParsedArgs& args) {
   std::string written;
   if (out) written = *out;
   if (out_dir) written += (written.empty() ? "" : ", ") + *out_dir + "/";
-  std::fprintf(stderr, "ddim: %lld samples %lldx%lldx%lld, %lld steps (eta %s) on %s %s in %.3f s (%.1f ms/step) -> %s\n",
+  const std::string kind = ddpm ? std::string("DDPM, ") + to_string(ddpm_options.variance.value_or(
+                                                             model->schedule().variance_type))
+                                : "eta " + format_real(eta);
+  std::fprintf(stderr, "ddim: %lld samples %lldx%lldx%lld, %lld steps (%s) on %s %s in %.3f s (%.1f ms/step) -> %s\n",
                static_cast<long long>(n), static_cast<long long>(c), static_cast<long long>(h),
-               static_cast<long long>(w), static_cast<long long>(S), format_real(eta).c_str(),
+               static_cast<long long>(w), static_cast<long long>(S), kind.c_str(),
                plan_info.backend.c_str(), plan_info.precision.c_str(), seconds,
                S > 0 ? 1000.0 * seconds / static_cast<double>(S) : 0.0, written.c_str());
   return 0;

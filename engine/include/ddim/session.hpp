@@ -19,6 +19,7 @@ namespace ddim {
 
 struct InvertOptions;  // ddim/toolkit.hpp
 struct InvertResult;
+struct DdpmOptions;   // ddim/toolkit.hpp
 
 enum class BackendKind { Auto, Cpu, Cuda };
 enum class Precision { Auto, FP32, FP16, BF16 };  // Auto: fp16 on CUDA, fp32 on the CPU
@@ -92,6 +93,9 @@ class Session {
 
   // DDIM sampling of a whole batch.
   SampleResult sample(const SampleOptions& options);
+  // DDPM ancestral sampling over all T training timesteps (T-1 down to 0), for comparison with
+  // DDIM: diffusers' DDPMScheduler.step (see ddim/toolkit.hpp). Runs the same loop as sample().
+  SampleResult sample_ddpm(const DdpmOptions& options);
   // Deterministic DDIM inversion of x0 (N, C, H, W) to the x_T from which sample() with the same
   // steps and spacing at eta = 0 (clip_sample off) returns x0, up to the discretisation error
   // (see ddim/toolkit.hpp for the exact sequences).

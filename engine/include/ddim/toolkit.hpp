@@ -64,6 +64,30 @@ struct InvertResult {
   std::vector<float> trajectory;     // when asked
 };
 
+// ---- DDPM ancestral sampling (Session::sample_ddpm), for comparison with DDIM
+// All T training timesteps, t = T-1 down to 0, each step diffusers' DDPMScheduler.step with
+// prev_t = t - 1 (a_t = alpha-bar_t, a_prev = alpha-bar_{t-1}, 1 at t = 0, beta_t = 1 - a_t / a_prev):
+//   x0 = the model's x0 prediction (epsilon, v or sample), clipped to +-clip_sample_range
+//        (clip_sample) or dynamically thresholded (the schedule's thresholding),
+//   x_{t-1} = sqrt(a_prev) beta_t / (1 - a_t) x0 + sqrt(a_t / a_prev) (1 - a_prev) / (1 - a_t) x_t
+//             + sigma_t z,   z unit normal, only for t > 0,
+//   sigma_t^2 = max((1 - a_prev) / (1 - a_t) beta_t, 1e-20)  fixed_small (and fixed_small_log)
+//             = beta_t                                        fixed_large.
+// z of step s (s = 0 .. T-1, t = T-1-s) for sample i is Philox noise keyed by (seed + i,
+// kNoiseStreamStep, s), as DDIM's per-step noise, or the caller's noise[s, i]. x_T as in sample().
+struct DdpmOptions {
+  std::uint64_t seed = 0;                 // sample i of the batch uses seed + i
+  std::span<const float> x_T;             // optional: (N, C, H, W) start; default from the seeds
+  std::span<const float> noise;           // optional: (T, N, C, H, W) unit normal, per step (the
+                                          // last slice, t = 0, is unused)
+  std::optional<VarianceType> variance;   // FixedSmall or FixedLarge; default: the model's
+                                          // variance_type (learned kinds: ErrorCode::Unsupported)
+  std::optional<bool> clip_sample;        // default: the model's schedule
+  bool want_trajectory = false;           // x_t after each step, x_T first: (T+1, N, C, H, W)
+  bool want_x0 = false;                   // the x0 prediction of each step: (T, N, C, H, W)
+  ProgressCallback progress;
+};
+
 // Spherical linear interpolation of two whole vectors (one sample's x_T each), in double:
 //   theta = acos(clamp(<a, b> / (|a| |b|), -1, 1)),
 //   slerp = sin((1 - t) theta) / sin(theta) a + sin(t theta) / sin(theta) b,
