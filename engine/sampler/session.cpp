@@ -57,6 +57,38 @@ struct Session::Impl {
   BackendKind backend = BackendKind::Cpu;
   std::unique_ptr<Executor> executor;
   int height = 0, width = 0;
+
+  std::size_t batch() const { return std::size_t(options.batch); }
+  std::size_t sample_elements() const {  // C * H * W of one sample
+    return std::size_t(model->info().in_channels) * std::size_t(height) * std::size_t(width);
+  }
+  // Throws unless `x` holds exactly one (N, C, H, W) batch for this session.
+  void check_batch(std::span<const float> x, const std::string& what) const {
+    if (x.size() == batch() * sample_elements()) return;
+    throw Error(ErrorCode::InvalidArgument, what + " has " + std::to_string(x.size()) +
+                                                " values; the session needs (N, C, H, W) = (" + std::to_string(batch()) + ", " +
+                                                std::to_string(model->info().in_channels) + ", " + std::to_string(height) + ", " +
+                                                std::to_string(width) + ")");
+  }
+  // A job with the per-sample seeds (seed + i) and the schedule's thresholding settings.
+  SampleJob new_job(std::uint64_t seed) const {
+    SampleJob job;
+    for (std::size_t b = 0; b < batch(); ++b) job.seeds.push_back(seed + b);
+    job.dynamic_thresholding_ratio = model->schedule().dynamic_thresholding_ratio;
+    job.sample_max_value = model->schedule().sample_max_value;
+    return job;
+  }
+  // Runs the job on the executor; the result's shape and visited timesteps filled in.
+  SampleResult run(const SampleJob& job) const {
+    SampleResult r;
+    r.n = options.batch;
+    r.c = model->info().in_channels;
+    r.h = height;
+    r.w = width;
+    r.timesteps = job.timesteps;
+    executor->sample(job, r);
+    return r;
+  }
 };
 
 Session::Session(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -139,12 +171,8 @@ SampleResult Session::sample(const SampleOptions& o) {
     plan = scheduler.timesteps(o.steps, o.spacing, o.steps_offset);
   }
   if (!(o.eta >= 0.0) || o.eta > 1e6) throw Error(ErrorCode::InvalidArgument, "eta must be >= 0, got " + std::to_string(o.eta));
-  const std::size_t S = plan.timesteps.size(), N = std::size_t(impl_->options.batch);
-  const std::size_t E = std::size_t(model.info().in_channels) * std::size_t(impl_->height) * std::size_t(impl_->width);
-  if (!o.x_T.empty() && o.x_T.size() != N * E)
-    throw Error(ErrorCode::InvalidArgument, "x_T has " + std::to_string(o.x_T.size()) + " values; the session needs (N, C, H, W) = (" +
-                                                std::to_string(N) + ", " + std::to_string(model.info().in_channels) + ", " +
-                                                std::to_string(impl_->height) + ", " + std::to_string(impl_->width) + ")");
+  const std::size_t S = plan.timesteps.size(), N = impl_->batch(), E = impl_->sample_elements();
+  if (!o.x_T.empty()) impl_->check_batch(o.x_T, "x_T");
   if (!o.noise.empty()) {
     if (o.eta == 0.0)
       throw Error(ErrorCode::InvalidArgument, "per-step noise was given but eta = 0, where no noise is added; use eta > 0");
@@ -153,26 +181,16 @@ SampleResult Session::sample(const SampleOptions& o) {
                                                   std::to_string(S) + " steps taken and N = " + std::to_string(N));
   }
   StepOptions so{o.eta, o.use_clipped_model_output, o.clip_sample, o.set_alpha_to_one};
-  SampleJob job;
+  SampleJob job = impl_->new_job(o.seed);
   job.timesteps = plan.timesteps;
   for (const auto& c : scheduler.coefficients(plan.timesteps, so)) job.steps.push_back(make_step_params(c, model.schedule(), so));
-  for (std::size_t b = 0; b < N; ++b) job.seeds.push_back(o.seed + b);
   job.x_T = o.x_T;
   job.noise = o.noise;
-  job.dynamic_thresholding_ratio = model.schedule().dynamic_thresholding_ratio;
-  job.sample_max_value = model.schedule().sample_max_value;
   job.want_trajectory = o.want_trajectory;
   job.want_x0 = o.want_x0;
   job.progress = o.progress;
-
-  SampleResult r;
-  r.n = int(N);
-  r.c = model.info().in_channels;
-  r.h = impl_->height;
-  r.w = impl_->width;
-  r.timesteps = plan.timesteps;
+  SampleResult r = impl_->run(job);
   r.warning = plan.warning;
-  impl_->executor->sample(job, r);
   return r;
 }
 
@@ -181,13 +199,8 @@ SampleResult Session::sample_ddpm(const DdpmOptions& o) {
   const Scheduler scheduler(model.schedule());
   const std::vector<double>& ac = scheduler.alphas_cumprod();
   const int T = model.schedule().num_train_timesteps;
-  const std::size_t N = std::size_t(impl_->options.batch);
-  const std::size_t E = std::size_t(model.info().in_channels) * std::size_t(impl_->height) * std::size_t(impl_->width);
-  if (!o.x_T.empty() && o.x_T.size() != N * E)
-    throw Error(ErrorCode::InvalidArgument, "sample_ddpm: x_T has " + std::to_string(o.x_T.size()) +
-                                                " values; the session needs (N, C, H, W) = (" + std::to_string(N) + ", " +
-                                                std::to_string(model.info().in_channels) + ", " + std::to_string(impl_->height) +
-                                                ", " + std::to_string(impl_->width) + ")");
+  const std::size_t N = impl_->batch(), E = impl_->sample_elements();
+  if (!o.x_T.empty()) impl_->check_batch(o.x_T, "sample_ddpm: x_T");
   if (!o.noise.empty() && o.noise.size() != std::size_t(T) * N * E)
     throw Error(ErrorCode::InvalidArgument, "sample_ddpm: noise has " + std::to_string(o.noise.size()) +
                                                 " values; expected (T, N, C, H, W) with T = " + std::to_string(T) +
@@ -195,39 +208,22 @@ SampleResult Session::sample_ddpm(const DdpmOptions& o) {
   const VarianceType variance = o.variance.value_or(model.schedule().variance_type);
 
   // The DDIM loop runs DDPM unchanged: each step's parameters select the DDPM update.
-  SampleJob job;
+  SampleJob job = impl_->new_job(o.seed);
   for (int t = T - 1; t >= 0; --t) {
     job.timesteps.push_back(t);
     job.steps.push_back(make_ddpm_step_params(t, ac, model.schedule(), variance, o.clip_sample));
   }
-  for (std::size_t b = 0; b < N; ++b) job.seeds.push_back(o.seed + b);
   job.x_T = o.x_T;
   job.noise = o.noise;
-  job.dynamic_thresholding_ratio = model.schedule().dynamic_thresholding_ratio;
-  job.sample_max_value = model.schedule().sample_max_value;
   job.want_trajectory = o.want_trajectory;
   job.want_x0 = o.want_x0;
   job.progress = o.progress;
-
-  SampleResult r;
-  r.n = int(N);
-  r.c = model.info().in_channels;
-  r.h = impl_->height;
-  r.w = impl_->width;
-  r.timesteps = job.timesteps;
-  impl_->executor->sample(job, r);
-  return r;
+  return impl_->run(job);
 }
 
 InvertResult Session::invert(std::span<const float> x0, const InvertOptions& o) {
   const Model& model = *impl_->model;
-  const std::size_t N = std::size_t(impl_->options.batch);
-  const std::size_t E = std::size_t(model.info().in_channels) * std::size_t(impl_->height) * std::size_t(impl_->width);
-  if (x0.size() != N * E)
-    throw Error(ErrorCode::InvalidArgument, "invert: x0 has " + std::to_string(x0.size()) +
-                                                " values; the session needs (N, C, H, W) = (" + std::to_string(N) + ", " +
-                                                std::to_string(model.info().in_channels) + ", " +
-                                                std::to_string(impl_->height) + ", " + std::to_string(impl_->width) + ")");
+  impl_->check_batch(x0, "invert: x0");
   const auto bad = std::find_if(x0.begin(), x0.end(), [](float v) { return !std::isfinite(v); });
   if (bad != x0.end())
     throw Error(ErrorCode::InvalidArgument,
@@ -238,22 +234,13 @@ InvertResult Session::invert(std::span<const float> x0, const InvertOptions& o) 
   // The sampling loop runs the inversion unchanged: x_T is the given x0, the model is evaluated at
   // plan.model_timesteps and each step's coefficients carry the ascending alpha-bars. sigma is 0,
   // so the seeds are never used.
-  SampleJob job;
+  SampleJob job = impl_->new_job(0);
   job.timesteps = plan.model_timesteps;
   job.steps = std::move(plan.steps);
-  job.seeds.assign(N, 0);
   job.x_T = x0;
-  job.dynamic_thresholding_ratio = model.schedule().dynamic_thresholding_ratio;
-  job.sample_max_value = model.schedule().sample_max_value;
   job.want_trajectory = o.want_trajectory;
   job.progress = o.progress;
-  SampleResult r;
-  r.n = int(N);
-  r.c = model.info().in_channels;
-  r.h = impl_->height;
-  r.w = impl_->width;
-  r.timesteps = plan.model_timesteps;
-  impl_->executor->sample(job, r);
+  SampleResult r = impl_->run(job);
 
   InvertResult out;
   out.timesteps = std::move(plan.timesteps);
