@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -34,6 +35,10 @@ std::string version_string();
 
 // --device auto|cpu|cuda|cuda:N and --precision auto|fp32|fp16|bf16 into session options.
 void apply_device(const std::string& text, SessionOptions& options);
+
+// Reads --spacing and --timesteps (a custom list, which must agree with an explicit --steps) for
+// sample, invert and interpolate. Throws UsageError.
+void read_timestep_options(const ParsedArgs& args, int steps, std::optional<Spacing>& spacing, std::vector<int>& timesteps);
 Precision parse_precision_option(const std::string& text);
 
 // Throws ddim::Error(Io) early (before any long computation) when `path` cannot be an output

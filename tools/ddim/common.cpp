@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <system_error>
 
 #include "commands.hpp"
@@ -17,6 +18,24 @@
 namespace ddim::cli {
 
 std::string version_string() { return std::string("ddim ") + DDIM_VERSION; }
+
+void read_timestep_options(const ParsedArgs& args, int steps, std::optional<Spacing>& spacing, std::vector<int>& timesteps) {
+  if (const auto text = args.get("--spacing")) {
+    try {
+      spacing = parse_spacing(*text);
+    } catch (const ddim::Error& e) {
+      throw UsageError(std::string("--spacing: ") + e.what());
+    }
+    if (*spacing == Spacing::Custom) throw UsageError("--spacing: use --timesteps for a custom list");
+  }
+  if (const auto list = args.get("--timesteps")) {
+    if (args.given("--spacing")) throw UsageError("--timesteps and --spacing cannot be combined");
+    timesteps = parse_int_list(*list, "--timesteps", 0, std::numeric_limits<int>::max());
+    if (args.given("--steps") && static_cast<std::size_t>(steps) != timesteps.size())
+      throw UsageError("--steps " + std::to_string(steps) + " disagrees with the " + std::to_string(timesteps.size()) +
+                       " entries of --timesteps");
+  }
+}
 
 void apply_device(const std::string& text, SessionOptions& options) {
   const std::size_t colon = text.find(':');

@@ -86,22 +86,7 @@ int run_invert(const ParsedArgs& args) {
   const std::string out = args.str("--out");
   InvertOptions options;
   options.steps = args.integer("--steps", 1, 1'000'000);
-  if (const auto spacing = args.get("--spacing")) {
-    try {
-      options.spacing = parse_spacing(*spacing);
-    } catch (const ddim::Error& e) {
-      throw UsageError(std::string("--spacing: ") + e.what());
-    }
-    if (*options.spacing == Spacing::Custom) throw UsageError("--spacing: use --timesteps for a custom list");
-  }
-  if (const auto list = args.get("--timesteps")) {
-    if (args.given("--spacing")) throw UsageError("--timesteps and --spacing cannot be combined");
-    options.timesteps = parse_int_list(*list, "--timesteps", 0, std::numeric_limits<int>::max());
-    if (args.given("--steps") && static_cast<std::size_t>(options.steps) != options.timesteps.size()) {
-      throw UsageError("--steps " + std::to_string(options.steps) + " disagrees with the " +
-                       std::to_string(options.timesteps.size()) + " entries of --timesteps");
-    }
-  }
+  read_timestep_options(args, options.steps, options.spacing, options.timesteps);
   try {
     options.model_time = parse_model_time(args.str("--model-time"));
   } catch (const ddim::Error& e) {

@@ -69,22 +69,7 @@ int run_sample(const ParsedArgs& args) {
   options.steps = steps;
   options.eta = eta;
   options.seed = seed;
-  if (const auto spacing = args.get("--spacing")) {
-    try {
-      options.spacing = parse_spacing(*spacing);
-    } catch (const ddim::Error& e) {
-      throw UsageError(std::string("--spacing: ") + e.what());
-    }
-    if (*options.spacing == Spacing::Custom) throw UsageError("--spacing: use --timesteps for a custom list");
-  }
-  if (const auto list = args.get("--timesteps")) {
-    if (args.given("--spacing")) throw UsageError("--timesteps and --spacing cannot be combined");
-    options.timesteps = parse_int_list(*list, "--timesteps", 0, std::numeric_limits<int>::max());
-    if (args.given("--steps") && static_cast<std::size_t>(steps) != options.timesteps.size()) {
-      throw UsageError("--steps " + std::to_string(steps) + " disagrees with the " +
-                       std::to_string(options.timesteps.size()) + " entries of --timesteps");
-    }
-  }
+  read_timestep_options(args, steps, options.spacing, options.timesteps);
   options.clip_sample = args.on_off("--clip-sample");
   options.set_alpha_to_one = args.on_off("--set-alpha-to-one");
   if (args.get("--steps-offset")) options.steps_offset = args.integer("--steps-offset", 0, 1'000'000);
