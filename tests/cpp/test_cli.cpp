@@ -19,34 +19,11 @@
 using namespace ddim;
 namespace fs = std::filesystem;
 
+using ddim::test::CliRun;
+using ddim::test::run_cli;
+using ddim::test::TempDir;
+
 namespace {
-
-struct Run {
-  int code;
-  std::string output;  // stdout and stderr
-};
-
-Run run(const std::string& args) {
-  std::string cmd = std::string(DDIM_CLI_PATH) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  std::string out;
-  char buf[4096];
-  while (std::size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / ("ddim_cli_test_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
 
 bool same_bits(std::span<const float> a, std::span<const float> b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
@@ -61,7 +38,7 @@ TEST_CASE("cli: sample, forward, dump and info agree with the library") {
   auto model = Model::load(model_path);
 
   // sample -> .npy equals Session::sample with the same settings, bitwise.
-  Run r = run("sample --model " + model_path + " --steps 5 --batch 2 --seed 3 --eta 0.5 --device cpu --out " +
+  CliRun r = run_cli("sample --model " + model_path + " --steps 5 --batch 2 --seed 3 --eta 0.5 --device cpu --out " +
               dir / "x.npy");
   INFO(r.output);
   REQUIRE(r.code == 0);
@@ -75,7 +52,7 @@ TEST_CASE("cli: sample, forward, dump and info agree with the library") {
   CHECK(same_bits(arr.data, lib.images));
 
   // PNG grid and one PNG per image with its seed recorded.
-  r = run("sample --model " + model_path + " --steps 3 --batch 2 --seed 3 --device cpu --out " + dir / "grid.png" +
+  r = run_cli("sample --model " + model_path + " --steps 3 --batch 2 --seed 3 --device cpu --out " + dir / "grid.png" +
           " --out-dir " + dir / "imgs");
   REQUIRE(r.code == 0);
   auto grid = tools::read_png(dir / "grid.png");
@@ -92,7 +69,7 @@ TEST_CASE("cli: sample, forward, dump and info agree with the library") {
   for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(std::cos(0.1 * double(i)));
   std::vector<std::int64_t> shape{2, 3, 16, 12};
   tools::write_npy_f32(dir / "in.npy", shape, x);
-  r = run("forward --model " + model_path + " --x " + dir / "in.npy" + " --t 321 --device cpu --out " + dir / "eps.npy" +
+  r = run_cli("forward --model " + model_path + " --x " + dir / "in.npy" + " --t 321 --device cpu --out " + dir / "eps.npy" +
           " --dump " + dir / "dump");
   INFO(r.output);
   REQUIRE(r.code == 0);
@@ -105,7 +82,7 @@ TEST_CASE("cli: sample, forward, dump and info agree with the library") {
   CHECK(same_bits(dumped.data, lib_eps));
   CHECK(tools::read_npy_f32(dir / "dump/time_proj.npy").shape == std::vector<std::int64_t>{2, 16});
 
-  r = run("info " + model_path + " --plan");
+  r = run_cli("info " + model_path + " --plan");
   CHECK(r.code == 0);
   CHECK(r.output.find("parameters") != std::string::npos);
   CHECK(r.output.find("time_embedding.linear_1") != std::string::npos);  // a folded node
@@ -141,7 +118,7 @@ TEST_CASE("cli: bad input is a one-line error with a non-zero exit and no output
   cases.push_back({"sample --model " + model_path + " --batch 1 --steps 5 --noise " + dir / "z.npy" + " --device cpu --out " + out,
                    "eta", 2});
   for (const auto& c : cases) {
-    Run r = run(c.args);
+    CliRun r = run_cli(c.args);
     INFO(c.args << "\n" << r.output);
     CHECK(r.code == c.code);
     CHECK(r.output.rfind("ddim: error:", 0) == 0);
@@ -151,7 +128,7 @@ TEST_CASE("cli: bad input is a one-line error with a non-zero exit and no output
 }
 
 TEST_CASE("cli: --help states every option's default") {
-  Run r = run("sample --help");
+  CliRun r = run_cli("sample --help");
   CHECK(r.code == 0);
   for (const char* s : {"--steps N", "(default: 50)", "--eta X", "(default: 0)", "--batch N", "(default: 16)", "--device DEV",
                         "(default: auto)", "--x-T FILE", "--noise FILE", "--trajectory FILE", "--clip-sample on|off"})

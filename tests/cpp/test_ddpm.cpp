@@ -72,33 +72,10 @@ struct RefStep {
 };
 
 // ---- the CLI
-struct Run {
-  int code;
-  std::string output;  // stdout and stderr
-};
+using ddim::test::CliRun;
+using ddim::test::run_cli;
+using ddim::test::TempDir;
 
-Run run_cli(const std::string& args) {
-  const std::string cmd = std::string(DDIM_CLI_PATH) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  std::string out;
-  char buf[4096];
-  while (std::size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  const int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("ddim_ddpm_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
 
 std::string write_tiny_model(const TempDir& dir, ScheduleConfig schedule) {
   const std::string path = dir / "tiny.ddim";
@@ -273,7 +250,7 @@ TEST_CASE("ddpm: ddim sample --sampler ddpm equals the library and checks its op
   o.noise = noise;
   o.variance = VarianceType::FixedLarge;
   const SampleResult want = s->sample_ddpm(o);
-  Run r = run_cli("sample --sampler ddpm --variance fixed_large --model " + model_path + " --x-T " + dir / "xT.npy" +
+  CliRun r = run_cli("sample --sampler ddpm --variance fixed_large --model " + model_path + " --x-T " + dir / "xT.npy" +
                   " --noise " + dir / "z.npy" + " --device cpu --out " + dir / "out.npy");
   INFO(r.output);
   REQUIRE(r.code == 0);
@@ -293,7 +270,7 @@ TEST_CASE("ddpm: ddim sample --sampler ddpm equals the library and checks its op
 TEST_CASE("ddpm: ddim compare prints the table and the reproducibility check and writes the PNG") {
   TempDir dir;
   const std::string model_path = write_tiny_model(dir, short_schedule(12));
-  const Run r = run_cli("compare --model " + model_path + " --steps-list 2,4 --batch 2 --seed 3 --device cpu --out " +
+  const CliRun r = run_cli("compare --model " + model_path + " --steps-list 2,4 --batch 2 --seed 3 --device cpu --out " +
                         dir / "cmp.png");
   INFO(r.output);
   REQUIRE(r.code == 0);
@@ -317,7 +294,7 @@ TEST_CASE("ddpm: ddim compare prints the table and the reproducibility check and
   CHECK(png.image.width == 2 * 12 + 3 * 2);
   CHECK(png.image.height == 4 * 16 + 5 * 2);
   // --ddpm off: DDIM rows only.
-  const Run quick = run_cli("compare --model " + model_path + " --steps-list 2,4 --batch 1 --ddpm off --device cpu --out " +
+  const CliRun quick = run_cli("compare --model " + model_path + " --steps-list 2,4 --batch 1 --ddpm off --device cpu --out " +
                             dir / "q.png");
   INFO(quick.output);
   REQUIRE(quick.code == 0);
@@ -329,7 +306,7 @@ TEST_CASE("ddpm: ddim compare prints the table and the reproducibility check and
 TEST_CASE("ddpm: ddim eta-study gives exactly zero variance at eta 0 and more with more eta") {
   TempDir dir;
   const std::string model_path = write_tiny_model(dir, short_schedule(50));
-  const Run r = run_cli("eta-study --model " + model_path + " --steps 5 --runs 3 --device cpu --out " + dir / "eta.png");
+  const CliRun r = run_cli("eta-study --model " + model_path + " --steps 5 --runs 3 --device cpu --out " + dir / "eta.png");
   INFO(r.output);
   REQUIRE(r.code == 0);
   std::istringstream lines(r.output);

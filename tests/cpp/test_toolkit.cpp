@@ -64,33 +64,10 @@ std::pair<double, double> round_trip(Session& s, int steps, std::uint64_t seed) 
 }
 
 // ---- the CLI
-struct Run {
-  int code;
-  std::string output;  // stdout and stderr
-};
+using ddim::test::CliRun;
+using ddim::test::run_cli;
+using ddim::test::TempDir;
 
-Run run_cli(const std::string& args) {
-  const std::string cmd = std::string(DDIM_CLI_PATH) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  std::string out;
-  char buf[4096];
-  while (std::size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  const int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("ddim_toolkit_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
 
 std::string write_tiny_model(const TempDir& dir, ScheduleConfig schedule = {}) {
   const std::string path = dir / "tiny.ddim";
@@ -475,7 +452,7 @@ TEST_CASE("toolkit: ddim invert writes the library's x_T and --check prints MSE 
   const std::int64_t shape[] = {2, 3, 16, 12};
   tools::write_npy_f32(dir / "x0.npy", shape, x0.images);
 
-  Run r = run_cli("invert --model " + model_path + " --input " + dir / "x0.npy" + " --steps 10 --device cpu --out " +
+  CliRun r = run_cli("invert --model " + model_path + " --input " + dir / "x0.npy" + " --steps 10 --device cpu --out " +
                   dir / "xt.npy" + " --trajectory " + dir / "traj.npy" + " --check");
   INFO(r.output);
   REQUIRE(r.code == 0);
@@ -525,7 +502,7 @@ TEST_CASE("toolkit: ddim interpolate end frames equal the plain samples bitwise 
   TempDir dir;
   const std::string model_path = write_tiny_model(dir);
   const std::string common = " --model " + model_path + " --steps 5 --device cpu";
-  Run r = run_cli("interpolate" + common + " --seeds 3,11 --frames 5 --out " + dir / "frames.npy");
+  CliRun r = run_cli("interpolate" + common + " --seeds 3,11 --frames 5 --out " + dir / "frames.npy");
   INFO(r.output);
   REQUIRE(r.code == 0);
   const tools::NpyArray frames = tools::read_npy_f32(dir / "frames.npy");
@@ -564,7 +541,7 @@ TEST_CASE("toolkit: ddim interpolate end frames equal the plain samples bitwise 
 }
 
 TEST_CASE("toolkit: the CLI lists invert and interpolate with their options") {
-  Run r = run_cli("--help");
+  CliRun r = run_cli("--help");
   CHECK(r.code == 0);
   CHECK(test::contains(r.output, "  invert "));
   CHECK(test::contains(r.output, "  interpolate "));

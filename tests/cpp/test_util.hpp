@@ -2,7 +2,12 @@
 // Helpers shared by the C++ tests: small model files the tests write themselves.
 #include <doctest/doctest.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <cstdint>
+#include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -59,5 +64,38 @@ inline std::unique_ptr<Session> cpu_session(std::shared_ptr<const Model> model, 
   o.threads = threads;
   return Session::create(std::move(model), o);
 }
+
+// ---- the `ddim` tool, for CLI tests (DDIM_CLI_PATH is set by the test build)
+struct CliRun {
+  int code;
+  std::string output;  // stdout and stderr
+};
+
+inline CliRun run_cli(const std::string& args) {
+  const std::string cmd = std::string(DDIM_CLI_PATH) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  std::string out;
+  char buf[4096];
+  while (std::size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  const int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+// A fresh scratch folder, removed at scope exit.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    static int counter = 0;
+    path = std::filesystem::temp_directory_path() /
+           ("ddim_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
 
 }  // namespace ddim::test
