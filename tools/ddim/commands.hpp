@@ -36,6 +36,9 @@ std::string version_string();
 // --device auto|cpu|cuda|cuda:N and --precision auto|fp32|fp16|bf16 into session options.
 void apply_device(const std::string& text, SessionOptions& options);
 
+// The session options every subcommand shares: --device, --precision, --threads.
+SessionOptions session_options_from(const ParsedArgs& args);
+
 // Reads --spacing and --timesteps (a custom list, which must agree with an explicit --steps) for
 // sample, invert and interpolate. Throws UsageError.
 void read_timestep_options(const ParsedArgs& args, int steps, std::optional<Spacing>& spacing, std::vector<int>& timesteps);

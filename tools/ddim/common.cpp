@@ -19,6 +19,14 @@ namespace ddim::cli {
 
 std::string version_string() { return std::string("ddim ") + DDIM_VERSION; }
 
+SessionOptions session_options_from(const ParsedArgs& args) {
+  SessionOptions options;
+  apply_device(args.str("--device"), options);
+  options.precision = parse_precision_option(args.str("--precision"));
+  options.threads = args.integer("--threads", 0, 4096);
+  return options;
+}
+
 void read_timestep_options(const ParsedArgs& args, int steps, std::optional<Spacing>& spacing, std::vector<int>& timesteps) {
   if (const auto text = args.get("--spacing")) {
     try {

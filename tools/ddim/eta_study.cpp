@@ -67,10 +67,7 @@ int run_eta_study(const ParsedArgs& args) {
   const std::string out = args.str("--out");
   if (extension_of(out) != ".png") throw UsageError("--out: '" + out + "' must end in .png");
   check_output_path(out, "--out");
-  SessionOptions session_options;
-  apply_device(args.str("--device"), session_options);
-  session_options.precision = parse_precision_option(args.str("--precision"));
-  session_options.threads = args.integer("--threads", 0, 4096);
+  SessionOptions session_options = session_options_from(args);
   session_options.batch = runs;
 
   // ---- the model and the one x_T, repeated for every run

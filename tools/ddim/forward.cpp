@@ -66,10 +66,7 @@ int run_forward(const ParsedArgs& args) {
   const std::string x_path = args.str("--x");
   const std::string out = args.str("--out");
   if (extension_of(out) != ".npy") throw UsageError("--out: '" + out + "' must end in .npy");
-  SessionOptions session_options;
-  apply_device(args.str("--device"), session_options);
-  session_options.precision = parse_precision_option(args.str("--precision"));
-  session_options.threads = args.integer("--threads", 0, 4096);
+  SessionOptions session_options = session_options_from(args);
   check_output_path(out, "--out");
   const std::optional<std::string> dump_dir = args.get("--dump");
   if (dump_dir) {

@@ -82,10 +82,7 @@ const CommandSpec kInfoCommand{"info", "FILE", "Describe a model file (and, with
 int run_info(const ParsedArgs& args) {
   const std::filesystem::path path = args.positionals().front();
   const bool plan = args.flag("--plan");
-  SessionOptions session_options;
-  apply_device(args.str("--device"), session_options);
-  session_options.precision = parse_precision_option(args.str("--precision"));
-  session_options.threads = args.integer("--threads", 0, 4096);
+  SessionOptions session_options = session_options_from(args);
   session_options.batch = 1;
 
   const std::shared_ptr<const Model> model = Model::load(path);

@@ -93,10 +93,7 @@ int run_interpolate(const ParsedArgs& args) {
   } else {
     std::tie(path_a, path_b) = split_pair(*files_text, "--x-T");
   }
-  SessionOptions session_options;
-  apply_device(args.str("--device"), session_options);
-  session_options.precision = parse_precision_option(args.str("--precision"));
-  session_options.threads = args.integer("--threads", 0, 4096);
+  SessionOptions session_options = session_options_from(args);
   const std::string out = args.str("--out");
   const bool out_png = extension_of(out) == ".png";
   if (!out_png && extension_of(out) != ".npy") throw UsageError("--out: '" + out + "' must end in .png or .npy");

@@ -96,10 +96,7 @@ int run_invert(const ParsedArgs& args) {
   const bool clip_sample = args.on_off("--clip-sample").value_or(false);
   if (args.given("--clip-sample") && !check) throw UsageError("--clip-sample applies to --check's sampling only; add --check");
 
-  SessionOptions session_options;
-  apply_device(args.str("--device"), session_options);
-  session_options.precision = parse_precision_option(args.str("--precision"));
-  session_options.threads = args.integer("--threads", 0, 4096);
+  SessionOptions session_options = session_options_from(args);
 
   const std::string input_ext = extension_of(input_path);
   if (input_ext != ".png" && input_ext != ".npy") throw UsageError("--input: '" + input_path + "' must end in .png or .npy");

@@ -75,12 +75,9 @@ int run_sample(const ParsedArgs& args) {
   if (args.get("--steps-offset")) options.steps_offset = args.integer("--steps-offset", 0, 1'000'000);
   options.use_clipped_model_output = args.flag("--use-clipped-model-output");
 
-  SessionOptions session_options;
-  apply_device(args.str("--device"), session_options);
-  session_options.precision = parse_precision_option(args.str("--precision"));
+  SessionOptions session_options = session_options_from(args);
   if (args.get("--height")) session_options.height = args.integer("--height", 1, 1 << 16);
   if (args.get("--width")) session_options.width = args.integer("--width", 1, 1 << 16);
-  session_options.threads = args.integer("--threads", 0, 4096);
 
   const std::optional<std::string> x_T_path = args.get("--x-T");
   const std::optional<std::string> noise_path = args.get("--noise");
