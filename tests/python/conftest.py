@@ -173,6 +173,22 @@ def randomize_unet_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
+# The small RGB network most tests use: 16x16, two levels, multi-head attention (48 / 8 = 6 heads at
+# level 1 and in the mid block), downsample_padding 1; a few hundred thousand parameters.
+SMALL_UNET = dict(
+    sample_size=16,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 48),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=8,
+    norm_num_groups=8,
+    downsample_padding=1,
+)
+
+
 def make_unet(seed: int = 0, **overrides):
     """A small UNet2DModel (a few hundred thousand parameters) with random weights fixed by `seed`, in eval mode."""
     from diffusers import UNet2DModel

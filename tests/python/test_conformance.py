@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_npy, make_unet, max_abs_diff, param_count, run_ddim, save_npy
+from conftest import SMALL_UNET, load_npy, make_unet, max_abs_diff, param_count, run_ddim, save_npy
 
 TOLERANCE = 1e-3
 BATCH = 2
@@ -30,18 +30,7 @@ BATCH = 2
 UNET_CONFIGS = {
     # RGB, 16x16, multi-head attention (48 / 8 = 6 heads at level 1 and in the mid block), downsample_padding 1,
     # diffusers' default time embedding (flip_sin_to_cos, freq_shift 0).
-    "rgb-multihead-pad1": dict(
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 48),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-        downsample_padding=1,
-    ),
+    "rgb-multihead-pad1": SMALL_UNET,
     # Grayscale, three levels, single-head attention (attention_head_dim None) at full resolution,
     # downsample_padding 0, the original DDPM time embedding and GroupNorm eps.
     "gray-singlehead-pad0": dict(

@@ -19,35 +19,18 @@ The ddim binary is $DDIM_BIN, else <repo>/build/bin/ddim; the exporter is tools/
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-
-from conftest import load_npy, make_unet, max_abs_diff, run_ddim, save_npy  # noqa: E402
+from conftest import SMALL_UNET, load_npy, make_unet, max_abs_diff, run_ddim, save_npy
 
 TOLERANCE = 1e-3
 BATCH = 2
 T = 50
 
-UNET = dict(
-    sample_size=16,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(32, 48),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=8,
-    norm_num_groups=8,
-    downsample_padding=1,
-)
+UNET = SMALL_UNET
 
 
 @dataclasses.dataclass(frozen=True)
