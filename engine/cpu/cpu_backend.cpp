@@ -43,6 +43,14 @@ CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& optio
     throw Error(ErrorCode::OutOfMemory, "cpu: cannot allocate the " + std::to_string(mem_.arena_bytes + scratch * 4) +
                                             "-byte activation arena for batch " + std::to_string(batch_));
   }
+  // Parameter pointers resolved once here, not by name on every step.
+  node_weights_.assign(g_.nodes.size(), {});
+  for (std::size_t i = 0; i < g_.nodes.size(); ++i)
+    for (const auto& p : g_.nodes[i].params) {
+      const auto r = std::find(std::begin(kRoleNames), std::end(kRoleNames), p.role);
+      if (r == std::end(kRoleNames)) throw Error(ErrorCode::Internal, "cpu: unknown parameter role '" + p.role + "'");
+      node_weights_[i][std::size_t(r - std::begin(kRoleNames))] = m_.weight(p.tensor);
+    }
   tables_.resize(g_.values.size());
   info_.backend = "cpu (" + std::to_string(pool_->size()) + " threads)";
   info_.precision = "fp32";
@@ -64,25 +72,23 @@ std::size_t CpuExecutor::out_elems() const { return std::size_t(g_.values[g_.out
 
 void CpuExecutor::run_node(const Node& n, int batch, const std::vector<const float*>& in, float* y) {
   const auto& x = g_.values[n.inputs[0]];
-  auto w = [&](const char* role) -> const float* {
-    const std::string* t = n.param(role);
-    return t ? m_.weight(*t) : nullptr;
-  };
+  const auto& weights = node_weights_[std::size_t(&n - g_.nodes.data())];
+  auto w = [&](Role r) { return weights[r]; };
   const std::size_t count = std::size_t(batch) * std::size_t(x.elements());
   ThreadPool* pool = pool_.get();
   switch (n.op) {
     case Op::TimestepEmbedding:
       timestep_embedding(in[0], batch, n.dim, n.flip_sin_to_cos, float(n.freq_shift), float(n.max_period), float(n.scale), y);
       break;
-    case Op::Linear: linear(in[0], batch, x.c, w("weight"), w("bias"), n.out_features, y, pool); break;
+    case Op::Linear: linear(in[0], batch, x.c, w(kWeight), w(kBias), n.out_features, y, pool); break;
     case Op::Conv2d: {
       Conv2dShape s{batch, x.c, x.h, x.w, n.out_channels, n.kernel_h, n.kernel_w, n.stride_h, n.stride_w,
                     n.pad_t, n.pad_b, n.pad_l, n.pad_r};
-      conv2d(s, in[0], w("weight"), w("bias"), y, scratch_.data(), pool);
+      conv2d(s, in[0], w(kWeight), w(kBias), y, scratch_.data(), pool);
       break;
     }
     case Op::GroupNorm:
-      group_norm(in[0], batch, x.c, x.h * x.w, n.groups, float(n.eps), w("weight"), w("bias"), n.silu, y, pool);
+      group_norm(in[0], batch, x.c, x.h * x.w, n.groups, float(n.eps), w(kWeight), w(kBias), n.silu, y, pool);
       break;
     case Op::Silu: silu(in[0], count, y); break;
     case Op::Scale: scale_shift(in[0], count, float(n.scale), float(n.shift), y); break;
@@ -103,8 +109,8 @@ void CpuExecutor::run_node(const Node& n, int batch, const std::vector<const flo
     case Op::Attention: {
       const int d = n.inner_dim ? n.inner_dim : x.c;
       const float scale = n.attn_scale ? float(*n.attn_scale) : float(1.0 / std::sqrt(double(d / n.heads)));
-      AttentionWeights aw{w("q_weight"), w("q_bias"), w("k_weight"), w("k_bias"),
-                          w("v_weight"), w("v_bias"), w("out_weight"), w("out_bias")};
+      AttentionWeights aw{w(kQWeight), w(kQBias), w(kKWeight), w(kKBias),
+                          w(kVWeight), w(kVBias), w(kOutWeight), w(kOutBias)};
       attention(in[0], n.inputs.size() > 1 ? in[1] : nullptr, batch, x.c, x.h * x.w, d, n.heads, scale, aw, float(n.divisor), y,
                 scratch_.data(), pool);
       break;

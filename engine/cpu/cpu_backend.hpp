@@ -1,6 +1,7 @@
 #pragma once
 // The CPU reference backend: fp32, NCHW, the IR executed node by node over one liveness-planned
 // arena, time-only nodes folded into per-timestep tables.
+#include <array>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -42,7 +43,13 @@ class CpuExecutor final : public Executor {
   std::size_t sample_elems() const;
   std::size_t out_elems() const;
 
+  // Parameter roles of the IR (graph/ir.cpp), indexing node_weights_.
+  enum Role { kWeight, kBias, kQWeight, kQBias, kKWeight, kKBias, kVWeight, kVBias, kOutWeight, kOutBias, kRoleCount };
+  static constexpr const char* kRoleNames[kRoleCount] = {"weight",   "bias",   "q_weight", "q_bias",     "k_weight",
+                                                         "k_bias",   "v_weight", "v_bias", "out_weight", "out_bias"};
+
   std::shared_ptr<const Model> model_;
+  std::vector<std::array<const float*, kRoleCount>> node_weights_;  // per node; null where absent
   const Model::Impl& m_;
   graph::Graph g_;
   graph::TimeFolding fold_;
