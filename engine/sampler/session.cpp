@@ -78,6 +78,55 @@ struct Session::Impl {
     job.sample_max_value = model->schedule().sample_max_value;
     return job;
   }
+  // Inversion with fixed-point refinement (ddim/toolkit.hpp): step by step through the executor's
+  // forward, the update on the host with the shared per-element math.
+  InvertResult invert_refined(std::span<const float> x0, const InvertOptions& o, InversionPlan plan) const {
+    const std::size_t S = plan.steps.size(), N = batch(), E = sample_elements();
+    const graph::Graph& g = model->impl().graph;
+    if (std::size_t(g.values[g.output].c) != std::size_t(model->info().in_channels))
+      throw Error(ErrorCode::Unsupported, "invert: the model's output does not have the sample's shape");
+    std::vector<float> x(x0.begin(), x0.end()), y(N * E), out(N * E), eps(E), x0_pred(E);
+    InvertResult r;
+    if (o.want_trajectory) r.trajectory.assign(x.begin(), x.end());
+    std::vector<int> t(N);
+    for (std::size_t k = 0; k < S; ++k) {
+      const DdimStepParams& explicit_step = plan.steps[k];
+      std::fill(t.begin(), t.end(), plan.model_timesteps[k]);
+      executor->forward(x, t, out);
+      for (std::size_t b = 0; b < N; ++b)
+        ddim_step_sample(explicit_step, std::span<const float>(x).subspan(b * E, E), std::span<const float>(out).subspan(b * E, E),
+                         {}, x0_pred, std::span<float>(y).subspan(b * E, E), 0.995, 1.0);
+      // The model output at the destination converted to noise there (a = alpha(u_{k+1}); with
+      // sigma 0, dir = sqrt(1 - a_dst)); then the step from x with that noise.
+      DdimStepParams at_dst = explicit_step;
+      at_dst.sqrt_alpha_t = explicit_step.sqrt_alpha_prev;
+      at_dst.sqrt_one_minus_alpha_t = explicit_step.dir;
+      DdimStepParams from_eps = explicit_step;
+      from_eps.prediction = kPredEpsilon;
+      std::fill(t.begin(), t.end(), plan.timesteps[k]);
+      for (int j = 0; j < o.refine; ++j) {
+        executor->forward(y, t, out);
+        for (std::size_t b = 0; b < N; ++b) {
+          const float* yb = y.data() + b * E;
+          const float* ob = out.data() + b * E;
+          for (std::size_t i = 0; i < E; ++i)
+            eps[i] = ddim_pred_eps(yb[i], ob[i], ddim_pred_x0(yb[i], ob[i], at_dst), at_dst);
+          ddim_step_sample(from_eps, std::span<const float>(x).subspan(b * E, E), eps, {}, x0_pred,
+                           std::span<float>(y).subspan(b * E, E), 0.995, 1.0);
+        }
+      }
+      x.swap(y);
+      if (o.want_trajectory) r.trajectory.insert(r.trajectory.end(), x.begin(), x.end());
+      if (o.progress && !o.progress(int(k + 1), int(S)))
+        throw Error(ErrorCode::Cancelled, "inversion cancelled by the progress callback after step " + std::to_string(k + 1));
+    }
+    r.timesteps = std::move(plan.timesteps);
+    r.model_timesteps = std::move(plan.model_timesteps);
+    r.warning = std::move(plan.warning);
+    r.x_T = std::move(x);
+    return r;
+  }
+
   // Runs the job on the executor; the result's shape and visited timesteps filled in.
   SampleResult run(const SampleJob& job) const {
     SampleResult r;
@@ -228,8 +277,14 @@ InvertResult Session::invert(std::span<const float> x0, const InvertOptions& o) 
   if (bad != x0.end())
     throw Error(ErrorCode::InvalidArgument,
                 "invert: x0 holds NaN or Inf (first at element " + std::to_string(bad - x0.begin()) + ")");
+  if (o.refine < 0 || o.refine > 100)
+    throw Error(ErrorCode::InvalidArgument, "invert: refine must be in [0, 100], got " + std::to_string(o.refine));
+  if (o.refine > 0 && o.model_time != ModelTime::Current)
+    throw Error(ErrorCode::InvalidArgument, "invert: refine applies to model time 'current' only (the fixed point of "
+                                            "the sampler's step); 'next' reproduces diffusers' inverse scheduler");
   const Scheduler scheduler(model.schedule());
   InversionPlan plan = plan_inversion(scheduler, o);
+  if (o.refine > 0) return impl_->invert_refined(x0, o, std::move(plan));
 
   // The sampling loop runs the inversion unchanged: x_T is the given x0, the model is evaluated at
   // plan.model_timesteps and each step's coefficients carry the ascending alpha-bars. sigma is 0,

@@ -47,7 +47,7 @@ bool all_finite(std::span<const float> a) {
 
 // Sample `steps` at eta 0 from the seed without clipping (the map inversion inverts), invert,
 // sample back. Returns (relative round-trip MSE on x0, MSE of the recovered x_T against the seed's).
-std::pair<double, double> round_trip(Session& s, int steps, std::uint64_t seed) {
+std::pair<double, double> round_trip(Session& s, int steps, std::uint64_t seed, int refine = 0) {
   SampleOptions o;
   o.steps = steps;
   o.seed = seed;
@@ -55,6 +55,7 @@ std::pair<double, double> round_trip(Session& s, int steps, std::uint64_t seed) 
   const SampleResult x0 = s.sample(o);
   InvertOptions io;
   io.steps = steps;
+  io.refine = refine;
   const InvertResult inv = s.invert(x0.images, io);
   REQUIRE(all_finite(inv.x_T));
   o.x_T = inv.x_T;
@@ -172,6 +173,55 @@ TEST_CASE("toolkit: inversion round trip on the tiny model (50 and 200 steps)") 
   CHECK(xT_50 < 5e-3);
   CHECK(x0_200 < x0_50 / 4);
   CHECK(xT_200 < xT_50 / 4);
+}
+
+TEST_CASE("toolkit: refined inversion converges to the exact inverse of the sampler's steps") {
+  // Each refinement is one fixed-point iteration towards the x that the sampler's step maps back
+  // exactly; the round-trip error must fall with every refinement and reach float rounding.
+  // Epsilon and v prediction (the v output is converted to noise at the destination point).
+  for (PredictionType prediction : {PredictionType::Epsilon, PredictionType::VPrediction}) {
+    CAPTURE(int(prediction));
+    ScheduleConfig schedule;
+    schedule.prediction_type = prediction;
+    auto s = test::cpu_session(test::tiny_model(1, schedule), 1);
+    std::vector<double> errors;
+    for (int refine : {0, 1, 3, 12}) errors.push_back(round_trip(*s, 10, 7, refine).first);
+    MESSAGE("10-step round trip, relative x0 MSE with 0/1/3/12 refinements: " << errors[0] << " " << errors[1] << " "
+                                                                               << errors[2] << " " << errors[3]);
+    CHECK(errors[1] < errors[0] / 4);
+    CHECK(errors[2] < errors[1]);
+    CHECK(errors[3] < 1e-9);
+  }
+}
+
+TEST_CASE("toolkit: the bundled model's own 50-step samples invert back (model time current)") {
+  // weights/default.ddim, batch 2, seed 0, unclipped samples (inversion does not undo clipping).
+  // Measured on the 2-core dev machine, this batch (seeds 0, 1): MSE 5.3e-3 at 50 steps plain,
+  // 3.7e-4 at 200, 1.1e-4 at 50 steps with one refinement. Over seeds 0..7 the plain 50-step MSE
+  // is 1.09e-2 (some samples invert worse), 4.5e-4 at 200, 6.4e-5 with one refinement and 5.7e-6
+  // with two: the issue's 1e-2 bound holds for the plain inversion only on average over some
+  // seeds, and with a margin of two orders of magnitude once refined.
+  const auto path = fs::path(__FILE__).parent_path().parent_path().parent_path() / "weights" / "default.ddim";
+  auto s = test::cpu_session(Model::load(path), 2);
+  const auto round_trip_mse = [&](int steps, int refine) {
+    SampleOptions o;
+    o.steps = steps;
+    o.clip_sample = false;
+    const SampleResult x0 = s->sample(o);
+    InvertOptions io;
+    io.steps = steps;
+    io.refine = refine;
+    const std::vector<float> x_T = s->invert(x0.images, io).x_T;
+    o.x_T = x_T;
+    return mse(s->sample(o).images, x0.images);
+  };
+  const double plain50 = round_trip_mse(50, 0), plain200 = round_trip_mse(200, 0), refined50 = round_trip_mse(50, 1);
+  MESSAGE("bundled model round-trip MSE: 50 steps " << plain50 << ", 200 steps " << plain200 << ", 50 steps refine 1 "
+                                                    << refined50);
+  CHECK(plain50 < 3e-2);
+  CHECK(plain200 < plain50 / 4);
+  CHECK(refined50 <= 1e-2);
+  CHECK(refined50 < plain200);
 }
 
 TEST_CASE("toolkit: inversion steps equal Session::forward plus the DDIM formulas") {
@@ -313,6 +363,13 @@ TEST_CASE("toolkit: invert errors name the problem") {
   o.steps = 0;
   CHECK(test::contains(test::error_of([&] { s->invert(x0, o); }), "steps must be at least 1"));
   o.steps = 5;
+  o.refine = -1;
+  CHECK(test::contains(test::error_of([&] { s->invert(x0, o); }), "refine must be in [0, 100]"));
+  o.refine = 1;
+  o.model_time = ModelTime::Next;
+  CHECK(test::contains(test::error_of([&] { s->invert(x0, o); }), "refine applies to model time 'current'"));
+  o.refine = 0;
+  o.model_time = ModelTime::Current;
   o.spacing = Spacing::Custom;
   CHECK(test::contains(test::error_of([&] { s->invert(x0, o); }), "custom"));
   o.spacing.reset();
@@ -471,6 +528,16 @@ TEST_CASE("toolkit: ddim invert writes the library's x_T and --check prints MSE 
               " --steps 10 --model-time next --device cpu --out " + dir / "xt_next.npy");
   REQUIRE(r.code == 0);
   CHECK(!bitwise_equal(tools::read_npy_f32(dir / "xt_next.npy").data, xt.data));
+  // --refine: the library's refined inversion; only with model time current.
+  r = run_cli("invert --model " + model_path + " --input " + dir / "x0.npy" + " --steps 10 --refine 2 --device cpu --out " +
+              dir / "xt_refined.npy");
+  REQUIRE(r.code == 0);
+  io.refine = 2;
+  CHECK(bitwise_equal(tools::read_npy_f32(dir / "xt_refined.npy").data, s->invert(x0.images, io).x_T));
+  r = run_cli("invert --model " + model_path + " --input " + dir / "x0.npy" +
+              " --model-time next --refine 1 --device cpu --out " + dir / "no.npy");
+  CHECK(r.code == 2);
+  CHECK(test::contains(r.output, "--refine applies to --model-time current"));
   {
     const std::vector<std::uint8_t> png = make_png(12, 16, 4, 6, test_pixels(12, 16, 4), [](int y) { return y % 5; });
     tools::write_file_atomic(dir / "in.png", png);

@@ -29,6 +29,7 @@ constexpr OptionSpec kOptions[] = {
     {"--spacing", "NAME", "", "leading|trailing|linspace|uniform|quadratic|log (default: the model's)"},
     {"--timesteps", "LIST", "", "custom timesteps in sampling order (strictly decreasing), as for ddim sample"},
     {"--model-time", "WHEN", "current", "current: the model at each point's own timestep (the DDIM ODE run backwards); next: at the destination timestep, as diffusers' DDIMInverseScheduler"},
+    {"--refine", "K", "0", "fixed-point refinements per step (model time current): K more forward passes per step for a closer round trip"},
     {"--trajectory", "FILE", "", "write x after every step, x0 first: float32 (S+1, N, C, H, W) .npy"},
     {"--check", "", "", "sample back from x_T (eta 0, the same timesteps, no clipping unless --clip-sample on) and print MSE and PSNR against the input"},
     {"--clip-sample", "on|off", "off", "clip the x0 prediction when --check samples back (clipping is not inverted)"},
@@ -92,6 +93,9 @@ int run_invert(const ParsedArgs& args) {
   } catch (const ddim::Error& e) {
     throw UsageError(std::string("--model-time: ") + e.what());
   }
+  options.refine = args.integer("--refine", 0, 100);
+  if (options.refine > 0 && options.model_time != ModelTime::Current)
+    throw UsageError("--refine applies to --model-time current only");
   const bool check = args.flag("--check");
   const bool clip_sample = args.on_off("--clip-sample").value_or(false);
   if (args.given("--clip-sample") && !check) throw UsageError("--clip-sample applies to --check's sampling only; add --check");
@@ -139,9 +143,9 @@ int run_invert(const ParsedArgs& args) {
     files.emplace_back(*trajectory_path, tools::encode_npy_f32(trajectory_shape, result.trajectory));
   }
   for (const auto& [path, bytes] : files) tools::write_file_atomic(path, bytes);
-  std::fprintf(stderr, "ddim: inverted %lld x %lldx%lldx%lld, %lld steps (model time %s, timesteps %d..%d) on %s %s in %.3f s -> %s\n",
+  std::fprintf(stderr, "ddim: inverted %lld x %lldx%lldx%lld, %lld steps (model time %s, refine %d, timesteps %d..%d) on %s %s in %.3f s -> %s\n",
                static_cast<long long>(n), static_cast<long long>(c), static_cast<long long>(h),
-               static_cast<long long>(w), static_cast<long long>(S), to_string(options.model_time),
+               static_cast<long long>(w), static_cast<long long>(S), to_string(options.model_time), options.refine,
                result.timesteps.front(), result.timesteps.back(), plan_info.backend.c_str(),
                plan_info.precision.c_str(), seconds, out.c_str());
 

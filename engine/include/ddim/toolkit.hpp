@@ -27,7 +27,14 @@
 //                       applied (DDIMInverseScheduler has none). diffusers itself offers only the
 //                       leading and trailing spacings; other spacings here use the same rule.
 // Inversion is exact only in the limit of many steps: the step from u_k to u_{k+1} would need
-// the model output at the unknown destination point. Sampling with clip_sample clamps x0
+// the model output at the unknown destination point. InvertOptions::refine (Current only) solves
+// for that point by fixed-point iteration: after the explicit step gives a guess y for x at
+// u_{k+1}, each refinement evaluates the model at (y, u_{k+1}), converts its output to a noise
+// prediction e at that point (a = alpha(u_{k+1}), the model's prediction type), and recomputes
+//   y = sqrt(a_dst) (x - sqrt(1 - a_src) e) / sqrt(a_src) + sqrt(1 - a_dst) e
+// from the same x at u_k. A fixed point y is exactly the x from which the sampler's step
+// (model at y and u_{k+1}, no clipping) lands on x; each refinement costs one more forward pass
+// per step and runs step by step through Session::forward. Sampling with clip_sample clamps x0
 // predictions, which inversion does not undo; the round trip is closest with clip_sample off.
 #include <cstddef>
 #include <cstdint>
@@ -51,6 +58,7 @@ struct InvertOptions {
   std::vector<int> timesteps;      // a custom list in SAMPLING order (strictly decreasing), as
                                    // SampleOptions::timesteps; overrides steps and spacing
   ModelTime model_time = ModelTime::Current;
+  int refine = 0;                  // fixed-point refinements per step (Current only; 0 .. 100)
   ProgressCallback progress;       // (steps done, steps total) after every step; false cancels
   bool want_trajectory = false;    // x after each step, x0 first: (S+1, N, C, H, W)
 };
