@@ -2,9 +2,10 @@
 // Shared host/device helpers. Per-element math that both backends run lives in headers that
 // include this one, so the CPU tests check the very arithmetic the GPU runs.
 //
-// Rounding: the library is built with -ffp-contract=off (host) and --fmad=false (device), and the
-// rn_* helpers below use the explicitly rounded CUDA intrinsics on the device, so every
-// operation rounds once, identically, on both sides: no FMA contraction differences.
+// Rounding: host code is built with -ffp-contract=off, and on the device the rn_* helpers below
+// are the explicitly rounded CUDA intrinsics (__fadd_rn, __fmul_rn, ...), which nvcc never fuses
+// into FMAs even with --fmad=true: every operation rounds once, identically, on both sides. Shared
+// math must therefore use rn_* for every float operation, never plain + - * /.
 #include <cmath>
 #include <cstdint>
 
