@@ -43,14 +43,7 @@ CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& optio
     throw Error(ErrorCode::OutOfMemory, "cpu: cannot allocate the " + std::to_string(mem_.arena_bytes + scratch * 4) +
                                             "-byte activation arena for batch " + std::to_string(batch_));
   }
-  // Parameter pointers resolved once here, not by name on every step.
-  node_weights_.assign(g_.nodes.size(), {});
-  for (std::size_t i = 0; i < g_.nodes.size(); ++i)
-    for (const auto& p : g_.nodes[i].params) {
-      const auto r = std::find(std::begin(kRoleNames), std::end(kRoleNames), p.role);
-      if (r == std::end(kRoleNames)) throw Error(ErrorCode::Internal, "cpu: unknown parameter role '" + p.role + "'");
-      node_weights_[i][std::size_t(r - std::begin(kRoleNames))] = m_.weight(p.tensor);
-    }
+  node_weights_ = resolve_node_weights(g_, m_);  // once here, not by name on every step
   tables_.resize(g_.values.size());
   info_.backend = "cpu (" + std::to_string(pool_->size()) + " threads)";
   info_.precision = "fp32";
@@ -63,6 +56,7 @@ CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& optio
   info_.arena_bytes = mem_.arena_bytes;
   info_.unplanned_bytes = mem_.unplanned_bytes;
   info_.weight_bytes = m_.weights.size() * sizeof(float);
+  info_.forward_flops = graph::forward_flops(g_, fold_, batch_);
 }
 
 CpuExecutor::~CpuExecutor() = default;
@@ -70,12 +64,44 @@ CpuExecutor::~CpuExecutor() = default;
 std::size_t CpuExecutor::sample_elems() const { return std::size_t(g_.values[g_.sample].elements()); }
 std::size_t CpuExecutor::out_elems() const { return std::size_t(g_.values[g_.output].elements()); }
 
-void CpuExecutor::run_node(const Node& n, int batch, const std::vector<const float*>& in, float* y) {
-  const auto& x = g_.values[n.inputs[0]];
-  const auto& weights = node_weights_[std::size_t(&n - g_.nodes.data())];
+std::vector<NodeWeights> resolve_node_weights(const graph::Graph& g, const Model::Impl& m) {
+  static constexpr const char* kRoleNames[kRoleCount] = {"weight",   "bias",     "q_weight", "q_bias",     "k_weight",
+                                                         "k_bias",   "v_weight", "v_bias",   "out_weight", "out_bias"};
+  std::vector<NodeWeights> weights(g.nodes.size(), NodeWeights{});
+  for (std::size_t i = 0; i < g.nodes.size(); ++i)
+    for (const auto& p : g.nodes[i].params) {
+      const auto r = std::find(std::begin(kRoleNames), std::end(kRoleNames), p.role);
+      if (r == std::end(kRoleNames)) throw Error(ErrorCode::Internal, "unknown parameter role '" + p.role + "'");
+      weights[i][std::size_t(r - std::begin(kRoleNames))] = m.weight(p.tensor);
+    }
+  return weights;
+}
+
+std::vector<std::vector<float>> evaluate_time_tables(const graph::Graph& g, const graph::TimeFolding& fold,
+                                                     const std::vector<NodeWeights>& weights, std::span<const int> timesteps) {
+  const int rows = int(timesteps.size());
+  std::vector<std::vector<float>> vals(g.values.size());
+  vals[g.timestep].assign(timesteps.begin(), timesteps.end());
+  std::vector<const float*> in;
+  for (int i : fold.time_nodes) {
+    const Node& n = g.nodes[i];
+    in.clear();
+    for (int v : n.inputs) in.push_back(vals[v].data());
+    vals[n.output].assign(std::size_t(rows) * std::size_t(g.values[n.output].elements()), 0.f);
+    run_node(g, n, weights[std::size_t(i)], rows, in, vals[n.output].data(), nullptr, nullptr);
+  }
+  std::vector<std::vector<float>> tables(g.values.size());
+  for (int v : fold.tables) tables[v] = std::move(vals[v]);
+  return tables;
+}
+
+void run_node(const graph::Graph& g, const Node& n, const NodeWeights& weights, int batch, const std::vector<const float*>& in,
+              float* y, float* scratch, ThreadPool* pool) {
+  const auto& x = g.values[n.inputs[0]];
   auto w = [&](Role r) { return weights[r]; };
   const std::size_t count = std::size_t(batch) * std::size_t(x.elements());
-  ThreadPool* pool = pool_.get();
+  if ((n.op == Op::Conv2d || n.op == Op::Attention) && !scratch)
+    throw Error(ErrorCode::Internal, "run_node: " + n.name + " needs scratch memory");
   switch (n.op) {
     case Op::TimestepEmbedding:
       timestep_embedding(in[0], batch, n.dim, n.flip_sin_to_cos, float(n.freq_shift), float(n.max_period), float(n.scale), y);
@@ -84,7 +110,7 @@ void CpuExecutor::run_node(const Node& n, int batch, const std::vector<const flo
     case Op::Conv2d: {
       Conv2dShape s{batch, x.c, x.h, x.w, n.out_channels, n.kernel_h, n.kernel_w, n.stride_h, n.stride_w,
                     n.pad_t, n.pad_b, n.pad_l, n.pad_r};
-      conv2d(s, in[0], w(kWeight), w(kBias), y, scratch_.data(), pool);
+      conv2d(s, in[0], w(kWeight), w(kBias), y, scratch, pool);
       break;
     }
     case Op::GroupNorm:
@@ -93,14 +119,14 @@ void CpuExecutor::run_node(const Node& n, int batch, const std::vector<const flo
     case Op::Silu: silu(in[0], count, y); break;
     case Op::Scale: scale_shift(in[0], count, float(n.scale), float(n.shift), y); break;
     case Op::Add: {
-      const auto& b = g_.values[n.inputs[1]];
+      const auto& b = g.values[n.inputs[1]];
       if (x.kind == b.kind) add(in[0], in[1], count, float(n.divisor), y);
       else add_broadcast(in[0], in[1], batch, x.c, x.h * x.w, float(n.divisor), y);
       break;
     }
     case Op::Concat: {
       std::vector<int> cs;
-      for (int v : n.inputs) cs.push_back(g_.values[v].c);
+      for (int v : n.inputs) cs.push_back(g.values[v].c);
       concat_channels(in.data(), cs.data(), int(cs.size()), batch, x.h * x.w, y);
       break;
     }
@@ -112,7 +138,7 @@ void CpuExecutor::run_node(const Node& n, int batch, const std::vector<const flo
       AttentionWeights aw{w(kQWeight), w(kQBias), w(kKWeight), w(kKBias),
                           w(kVWeight), w(kVBias), w(kOutWeight), w(kOutBias)};
       attention(in[0], n.inputs.size() > 1 ? in[1] : nullptr, batch, x.c, x.h * x.w, d, n.heads, scale, aw, float(n.divisor), y,
-                scratch_.data(), pool);
+                scratch, pool);
       break;
     }
   }
@@ -121,17 +147,7 @@ void CpuExecutor::run_node(const Node& n, int batch, const std::vector<const flo
 void CpuExecutor::build_tables(std::span<const int> timesteps) {
   if (table_timesteps_.size() == timesteps.size() && std::equal(timesteps.begin(), timesteps.end(), table_timesteps_.begin()))
     return;
-  const int rows = int(timesteps.size());
-  std::vector<std::vector<float>> vals(g_.values.size());
-  vals[g_.timestep].assign(timesteps.begin(), timesteps.end());
-  for (int i : fold_.time_nodes) {
-    const Node& n = g_.nodes[i];
-    std::vector<const float*> in;
-    for (int v : n.inputs) in.push_back(vals[v].data());
-    vals[n.output].assign(std::size_t(rows) * std::size_t(g_.values[n.output].elements()), 0.f);
-    run_node(n, rows, in, vals[n.output].data());
-  }
-  for (int v : fold_.tables) tables_[v] = std::move(vals[v]);
+  tables_ = evaluate_time_tables(g_, fold_, node_weights_, timesteps);
   table_timesteps_.assign(timesteps.begin(), timesteps.end());
 }
 
@@ -147,7 +163,7 @@ void CpuExecutor::run_step(const float* x, std::span<const int> rows, float* out
     const Node& n = g_.nodes[i];
     in.clear();
     for (int v : n.inputs) in.push_back(at(v));
-    run_node(n, batch_, in, at(n.output));
+    run(n, batch_, in, at(n.output));
   }
   std::memcpy(out, at(g_.output), sizeof(float) * batch_ * out_elems());
 }
@@ -193,7 +209,7 @@ void CpuExecutor::forward_unfolded(std::span<const float> x, std::span<const int
     in.clear();
     for (int v : n.inputs) in.push_back(vals[v].data());
     vals[n.output].assign(std::size_t(batch_) * std::size_t(g_.values[n.output].elements()), 0.f);
-    run_node(n, batch_, in, vals[n.output].data());
+    run(n, batch_, in, vals[n.output].data());
     if (observer) observer(n, g_.values[n.output], vals[n.output].data());
   }
   std::copy(vals[g_.output].begin(), vals[g_.output].end(), out.begin());

@@ -4,6 +4,7 @@
 #include <array>
 #include <functional>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "backend.hpp"
@@ -13,6 +14,23 @@
 namespace ddim::cpu {
 
 class ThreadPool;
+
+// Parameter roles of the IR (graph/ir.cpp): a node's parameter pointers, resolved once per plan.
+enum Role { kWeight, kBias, kQWeight, kQBias, kKWeight, kKBias, kVWeight, kVBias, kOutWeight, kOutBias, kRoleCount };
+using NodeWeights = std::array<const float*, kRoleCount>;
+// Resolves every node's parameters to pointers into the model's fp32 weights (null where absent).
+std::vector<NodeWeights> resolve_node_weights(const graph::Graph& g, const Model::Impl& m);
+
+// Runs one node of g on the CPU for `batch` samples: in = the node's input buffers, y its output
+// (layouts of engine/cpu/ops.hpp). scratch: conv2d_scratch_floats / attention_scratch_floats
+// floats (convolution and attention only; may be null for other ops).
+void run_node(const graph::Graph& g, const graph::Node& n, const NodeWeights& weights, int batch,
+              const std::vector<const float*>& in, float* y, float* scratch, ThreadPool* pool);
+
+// The folded time tables on the host, fp32: for every value in folding.tables, rows x C values,
+// one row per entry of `timesteps` (used by the CUDA backend, which uploads them).
+std::vector<std::vector<float>> evaluate_time_tables(const graph::Graph& g, const graph::TimeFolding& folding,
+                                                     const std::vector<NodeWeights>& weights, std::span<const int> timesteps);
 
 class CpuExecutor final : public Executor {
  public:
@@ -37,19 +55,17 @@ class CpuExecutor final : public Executor {
   const graph::MemoryPlan& memory_plan() const { return mem_; }
 
  private:
-  void run_node(const graph::Node& n, int batch, const std::vector<const float*>& in, float* out);
   void build_tables(std::span<const int> timesteps);  // one row per entry
   void run_step(const float* x, std::span<const int> rows, float* out);
   std::size_t sample_elems() const;
   std::size_t out_elems() const;
 
-  // Parameter roles of the IR (graph/ir.cpp), indexing node_weights_.
-  enum Role { kWeight, kBias, kQWeight, kQBias, kKWeight, kKBias, kVWeight, kVBias, kOutWeight, kOutBias, kRoleCount };
-  static constexpr const char* kRoleNames[kRoleCount] = {"weight",   "bias",   "q_weight", "q_bias",     "k_weight",
-                                                         "k_bias",   "v_weight", "v_bias", "out_weight", "out_bias"};
+  void run(const graph::Node& n, int batch, const std::vector<const float*>& in, float* out) {
+    run_node(g_, n, node_weights_[std::size_t(&n - g_.nodes.data())], batch, in, out, scratch_.data(), pool_.get());
+  }
 
   std::shared_ptr<const Model> model_;
-  std::vector<std::array<const float*, kRoleCount>> node_weights_;  // per node; null where absent
+  std::vector<NodeWeights> node_weights_;  // per node; null where absent
   const Model::Impl& m_;
   graph::Graph g_;
   graph::TimeFolding fold_;

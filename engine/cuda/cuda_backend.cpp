@@ -1,9 +1,8 @@
-// The CUDA backend's entry points. Device discovery is real; the executor (cuDNN convolutions,
-// hand-written kernels, the DDIM loop in CUDA graphs) is the CUDA backend issue's work, so a
-// session asked for CUDA reports "not implemented" and `auto` falls back to the CPU.
+// The CUDA backend's entry points: device discovery and the executor (cuda/cuda_executor.hpp).
 #include <cuda_runtime_api.h>
 
 #include "cuda/cuda_backend.hpp"
+#include "cuda/cuda_executor.hpp"
 
 namespace ddim::cuda {
 
@@ -18,8 +17,8 @@ int device_count() noexcept {
   return count;
 }
 
-std::unique_ptr<Executor> make_executor(const ExecutorContext&, const SessionOptions&) {
-  throw Error(ErrorCode::Unsupported, "the CUDA backend is not implemented yet in this build; use the CPU backend");
+std::unique_ptr<Executor> make_executor(const ExecutorContext& ctx, const SessionOptions& options) {
+  return std::make_unique<CudaExecutor>(ctx, options);
 }
 
 }  // namespace ddim::cuda

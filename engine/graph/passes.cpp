@@ -42,7 +42,8 @@ TimeFolding fold_time_only(const Graph& g) {
   return f;
 }
 
-MemoryPlan plan_memory(const Graph& g, const TimeFolding& f, int batch, std::size_t element_bytes, std::size_t alignment) {
+MemoryPlan plan_memory(const Graph& g, const TimeFolding& f, int batch, std::size_t element_bytes, std::size_t alignment,
+                       const std::vector<int>& keep_alive) {
   const std::size_t nv = g.values.size();
   constexpr int kUnused = std::numeric_limits<int>::min();
   std::vector<int> first(nv, kUnused), last(nv, kUnused);
@@ -55,6 +56,8 @@ MemoryPlan plan_memory(const Graph& g, const TimeFolding& f, int batch, std::siz
     for (int in : n.inputs) last[in] = std::max(last[in], int(p));
   }
   last[g.output] = int(f.step_nodes.size());
+  for (int v : keep_alive)
+    if (first[v] != kUnused) last[v] = int(f.step_nodes.size());
 
   struct Item {
     int value;
@@ -97,6 +100,27 @@ MemoryPlan plan_memory(const Graph& g, const TimeFolding& f, int batch, std::siz
     plan.arena_bytes = std::max(plan.arena_bytes, best + it.bytes);
   }
   return plan;
+}
+
+double forward_flops(const Graph& g, const TimeFolding& f, int batch) {
+  double total = 0;
+  for (int i : f.step_nodes) {
+    const Node& n = g.nodes[i];
+    const Value& x = g.values[n.inputs[0]];
+    const Value& y = g.values[n.output];
+    switch (n.op) {
+      case Op::Conv2d: total += 2.0 * y.c * y.h * y.w * double(x.c) * n.kernel_h * n.kernel_w; break;
+      case Op::Linear: total += 2.0 * double(x.c) * n.out_features; break;
+      case Op::Attention: {
+        const double tokens = double(x.h) * x.w, c = x.c, d = n.inner_dim ? n.inner_dim : x.c;
+        total += 2.0 * tokens * c * 3 * d + 2.0 * tokens * d * c  // projections
+                 + 2.0 * 2.0 * tokens * tokens * d;                // q k^T and p v over all heads
+        break;
+      }
+      default: break;
+    }
+  }
+  return total * batch;
 }
 
 }  // namespace ddim::graph

@@ -30,7 +30,14 @@ struct MemoryPlan {
   std::size_t arena_bytes = 0;      // planned peak
   std::size_t unplanned_bytes = 0;  // the sum of all buffers (what one buffer per value costs)
 };
+// keep_alive: values that must also live to the end (e.g. the sample, when a backend writes the
+// next step's input while reading the output).
 MemoryPlan plan_memory(const Graph& g, const TimeFolding& folding, int batch, std::size_t element_bytes,
-                       std::size_t alignment = 256);
+                       std::size_t alignment = 256, const std::vector<int>& keep_alive = {});
+
+// Floating-point operations of one per-step forward of `batch` samples (time-only nodes excluded):
+// 2 per multiply-add of convolutions (unpadded channel counts), linear layers and attention
+// (q/k/v/out projections, q k^T and the weighted sum of v); elementwise work is not counted.
+double forward_flops(const Graph& g, const TimeFolding& folding, int batch);
 
 }  // namespace ddim::graph

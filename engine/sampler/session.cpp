@@ -56,6 +56,8 @@ struct Session::Impl {
   SessionOptions options;
   BackendKind backend = BackendKind::Cpu;
   std::unique_ptr<Executor> executor;
+  PlanInfo info;          // the executor's, plus the fallback reason
+  std::string fallback;
   int height = 0, width = 0;
 
   std::size_t batch() const { return std::size_t(options.batch); }
@@ -175,19 +177,31 @@ std::unique_ptr<Session> Session::create(std::shared_ptr<const Model> model, con
       impl->backend = BackendKind::Cuda;
       impl->executor = cuda::make_executor(ctx, options);
       break;
-    case BackendKind::Auto:
+    case BackendKind::Auto: {
+      std::string fallback;
       if (cuda::device_count() > options.device && options.device >= 0) {
         try {
           impl->backend = BackendKind::Cuda;
           impl->executor = cuda::make_executor(ctx, options);
           break;
         } catch (const Error& e) {
-          if (e.code() != ErrorCode::Unsupported) throw;  // auto falls back only where CUDA cannot run this at all
+          // The caller's own mistakes are reported; anything the device could not do (an
+          // unsupported op or precision, too little memory, a device or library failure) falls
+          // back to the CPU with the reason in plan_info().fallback.
+          if (e.code() == ErrorCode::InvalidArgument || e.code() == ErrorCode::InvalidFile) throw;
+          fallback = std::string(to_string(e.code())) + ": " + e.what();
         }
       }
+      if (!fallback.empty() && (options.precision == Precision::FP16 || options.precision == Precision::BF16))
+        throw Error(ErrorCode::Unsupported, "the CUDA backend failed (" + fallback + ") and the CPU backend has no " +
+                                                to_string(options.precision));
       make_cpu();
+      impl->fallback = std::move(fallback);
       break;
+    }
   }
+  impl->info = impl->executor->plan_info();
+  impl->info.fallback = impl->fallback;
   return std::unique_ptr<Session>(new Session(std::move(impl)));
 }
 
@@ -306,7 +320,7 @@ InvertResult Session::invert(std::span<const float> x0, const InvertOptions& o) 
   return out;
 }
 
-const PlanInfo& Session::plan_info() const noexcept { return impl_->executor->plan_info(); }
+const PlanInfo& Session::plan_info() const noexcept { return impl_->info; }
 const Model& Session::model() const noexcept { return *impl_->model; }
 BackendKind Session::backend() const noexcept { return impl_->backend; }
 

@@ -123,6 +123,10 @@ int run_info(const ParsedArgs& args) {
          << ")";
     }
     ps << "\n  weights:   " << format_bytes(p.weight_bytes) << " (" << p.weight_bytes << " bytes)\n";
+    char flops[64];
+    std::snprintf(flops, sizeof flops, "%.3f", p.forward_flops / 1e9);
+    ps << "  forward:   " << flops << " GFLOP per step (convolutions, projections, attention; unpadded)\n";
+    if (!p.fallback.empty()) ps << "  note:      on the CPU because the CUDA backend failed: " << p.fallback << "\n";
     std::cout << ps.str() << std::flush;
   }
   return 0;

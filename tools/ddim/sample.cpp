@@ -31,6 +31,7 @@ constexpr OptionSpec kOptions[] = {
     {"--spacing", "NAME", "", "leading|trailing|linspace|uniform|quadratic|log (default: the model's)"},
     {"--timesteps", "LIST", "", "custom timesteps, strictly decreasing, e.g. 999,750,500,250,0"},
     {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
+    {"--profile", "", "", "CUDA: run each step eagerly with one NVTX range per graph node (for Nsight; slower)"},
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
     {"--height", "H", "", "sample height (default: the model's)"},
     {"--width", "W", "", "sample width (default: the model's)"},
@@ -76,6 +77,7 @@ int run_sample(const ParsedArgs& args) {
   options.use_clipped_model_output = args.flag("--use-clipped-model-output");
 
   SessionOptions session_options = session_options_from(args);
+  session_options.profile = args.flag("--profile");
   if (args.get("--height")) session_options.height = args.integer("--height", 1, 1 << 16);
   if (args.get("--width")) session_options.width = args.integer("--width", 1, 1 << 16);
 
@@ -191,6 +193,7 @@ int run_sample(const ParsedArgs& args) {
   session_options.batch = batch;
   const std::unique_ptr<Session> session = Session::create(model, session_options);
   const PlanInfo& plan_info = session->plan_info();
+  if (!plan_info.fallback.empty()) std::cerr << "ddim: warning: running on the CPU: the CUDA backend failed: " << plan_info.fallback << "\n";
   if (isatty(STDERR_FILENO)) options.progress = ddpm_options.progress = make_progress_bar();
   const auto start = std::chrono::steady_clock::now();
   const SampleResult result = ddpm ? session->sample_ddpm(ddpm_options) : session->sample(options);

@@ -41,6 +41,9 @@ struct SessionOptions {
   int height = 0;   // 0: the model's declared size
   int width = 0;
   int threads = 0;  // CPU worker threads; 0: hardware concurrency
+  // CUDA: run every step eagerly (no CUDA graph) with one NVTX range per graph node, for
+  // profiling with Nsight Systems / Compute (ranges inside a captured graph do not replay).
+  bool profile = false;
 };
 
 // Called after every step with (steps done, steps total); return false to cancel (the call then
@@ -82,6 +85,9 @@ struct PlanInfo {
   std::size_t arena_bytes = 0;            // activation arena (liveness-planned)
   std::size_t unplanned_bytes = 0;        // sum of all activation buffers without the plan
   std::size_t weight_bytes = 0;
+  double forward_flops = 0;               // one forward of the batch (graph/passes.hpp: forward_flops)
+  std::string fallback;                   // BackendKind::Auto on the CPU although a CUDA device
+                                          // exists: why the CUDA backend could not be used
 };
 
 class Session {

@@ -1,0 +1,539 @@
+#include "cuda/cuda_executor.hpp"
+
+#include <nvtx3/nvToolsExt.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/cpu_backend.hpp"
+#include "cuda/check.hpp"
+#include "cuda/cudnn_conv.hpp"
+
+namespace ddim::cuda {
+
+using graph::Kind;
+using graph::Node;
+using graph::Op;
+
+namespace {
+
+// RAII NVTX range (a no-op unless a profiler is attached).
+struct NvtxRange {
+  explicit NvtxRange(const char* name) { nvtxRangePushA(name); }
+  ~NvtxRange() { nvtxRangePop(); }
+  NvtxRange(const NvtxRange&) = delete;
+  NvtxRange& operator=(const NvtxRange&) = delete;
+};
+
+DType dtype_of(Precision p) {
+  switch (p) {
+    case Precision::FP32: return DType::F32;
+    case Precision::BF16: return DType::BF16;
+    case Precision::Auto:
+    case Precision::FP16: return DType::F16;
+  }
+  return DType::F16;
+}
+
+cudaDataType_t cuda_type(DType t) {
+  return t == DType::F32 ? CUDA_R_32F : t == DType::F16 ? CUDA_R_16F : CUDA_R_16BF;
+}
+
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------- plan
+
+CudaExecutor::CudaExecutor(const ExecutorContext& ctx, const SessionOptions& options)
+    : model_(ctx.model), m_(ctx.model->impl()), options_(options), dtype_(dtype_of(options.precision)),
+      device_(options.device) {
+  try {
+    init(ctx);
+  } catch (...) {
+    release();  // a throwing constructor runs no destructor
+    throw;
+  }
+}
+
+void CudaExecutor::init(const ExecutorContext& ctx) {
+  DDIM_CUDA_CHECK(cudaSetDevice(device_));
+  DDIM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  DDIM_CUBLAS_CHECK(cublasCreate(&cublas_));
+  DDIM_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  DDIM_CUBLAS_CHECK(cublasSetPointerMode(cublas_, CUBLAS_POINTER_MODE_HOST));
+  DDIM_CUDNN_CHECK(cudnnCreate(&cudnn_));
+  DDIM_CUDNN_CHECK(cudnnSetStream(cudnn_, stream_));
+  convs_ = std::make_unique<ConvPlanCache>();
+  g_ = m_.graph;
+  graph::infer_shapes(g_, ctx.height, ctx.width);
+  plan();
+  weights_ = device_weights(model_, device_, dtype_);
+  build_program();
+  // One eager forward at plan time: loads every kernel and library engine before any capture,
+  // and reports a failing configuration here rather than in the first sample.
+  run_forward_ops(stream_);
+  DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+CudaExecutor::~CudaExecutor() { release(); }
+
+void CudaExecutor::release() noexcept {
+  // Cannot report; a device error here was (or will be) reported by a call.
+  if (stream_) (void)cudaStreamSynchronize(stream_);
+  if (step_graph_) (void)cudaGraphExecDestroy(step_graph_);
+  step_graph_ = nullptr;
+  convs_.reset();  // the cuDNN plans before their handle
+  if (cudnn_) (void)cudnnDestroy(cudnn_);
+  cudnn_ = nullptr;
+  if (cublas_) (void)cublasDestroy(cublas_);
+  cublas_ = nullptr;
+  if (stream_) (void)cudaStreamDestroy(stream_);
+  stream_ = nullptr;
+}
+
+// Merges into a convolution the Add that immediately follows it in step order when the add has
+// divisor 1 and the convolution's output is read by nothing else: the broadcast time-embedding
+// add of a resnet (conv1 + temb) and the residual add (conv2 + shortcut) become the conv's
+// epilogue. Rewritten before the memory plan, so liveness sees the conv writing the add's output.
+void CudaExecutor::plan() {
+  const graph::TimeFolding fold0 = graph::fold_time_only(g_);
+  std::vector<int> readers(g_.values.size(), 0);
+  for (const Node& n : g_.nodes)
+    for (int v : n.inputs) ++readers[v];
+  std::vector<char> drop(g_.nodes.size(), 0);
+  std::vector<Fusion> fusion(g_.nodes.size());  // temb: broadcast time table; residual: elementwise
+  for (std::size_t p = 0; p + 1 < fold0.step_nodes.size(); ++p) {
+    const int ci = fold0.step_nodes[p], ai = fold0.step_nodes[p + 1];
+    Node& conv = g_.nodes[ci];
+    const Node& add = g_.nodes[ai];
+    if (conv.op != Op::Conv2d || add.op != Op::Add || add.divisor != 1.0 || readers[conv.output] != 1 ||
+        conv.output == g_.output)
+      continue;
+    const int other = add.inputs[0] == conv.output ? add.inputs[1] : add.inputs[1] == conv.output ? add.inputs[0] : -1;
+    if (other < 0 || other == conv.output) continue;
+    const auto& ov = g_.values[other];
+    if (ov.kind == Kind::Vector && fold0.time_only[other]) fusion[ci].temb = other;
+    else if (ov.kind == Kind::Spatial && ov.c == g_.values[conv.output].c && ov.h == g_.values[conv.output].h &&
+             ov.w == g_.values[conv.output].w)
+      fusion[ci].residual = other;
+    else
+      continue;
+    conv.inputs.push_back(other);
+    conv.output = add.output;
+    drop[ai] = 1;
+  }
+  std::vector<Node> kept;
+  std::vector<Fusion> kept_fusion;
+  for (std::size_t i = 0; i < g_.nodes.size(); ++i) {
+    if (drop[i]) continue;
+    node_of_.push_back(int(i));
+    kept.push_back(g_.nodes[i]);
+    kept_fusion.push_back(fusion[i]);
+  }
+  g_.nodes = std::move(kept);
+  for (std::size_t i = 0; i < g_.nodes.size(); ++i) g_.values[g_.nodes[i].output].producer = int(i);
+  fold_ = graph::fold_time_only(g_);
+  mem_ = graph::plan_memory(g_, fold_, options_.batch, dtype_size(dtype_), 256, {g_.sample});
+  arena_ = DeviceBuffer(mem_.arena_bytes, "the activation arena (batch " + std::to_string(options_.batch) + ")");
+  host_weights_.clear();
+  {
+    // Host fp32 weights of the time-only nodes, indexed like g_ (node_of_ maps to the model graph).
+    const std::vector<cpu::NodeWeights> all = cpu::resolve_node_weights(m_.graph, m_);
+    for (int i : node_of_) host_weights_.push_back(all[std::size_t(i)]);
+  }
+  // The fusion of each kept node travels in a side table captured by build_program.
+  fusion_.assign(kept_fusion.begin(), kept_fusion.end());
+
+  info_.backend = [&] {
+    cudaDeviceProp prop{};
+    DDIM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+    return "cuda:" + std::to_string(device_) + " (" + prop.name + ")";
+  }();
+  info_.precision = to_string(dtype_);
+  info_.batch = options_.batch;
+  info_.height = ctx_height_ = g_.values[g_.sample].h;
+  info_.width = ctx_width_ = g_.values[g_.sample].w;
+  for (int i : fold_.time_nodes) info_.folded_nodes.push_back(g_.nodes[i].name);
+  info_.arena_bytes = mem_.arena_bytes;
+  info_.unplanned_bytes = mem_.unplanned_bytes;
+  info_.forward_flops = graph::forward_flops(g_, fold_, options_.batch);
+}
+
+void* CudaExecutor::value_ptr(int v) const {
+  if (mem_.offset[v] == graph::MemoryPlan::kNone)
+    throw Error(ErrorCode::Internal, "cuda: value '" + g_.values[v].name + "' has no place in the arena");
+  return static_cast<unsigned char*>(arena_.get()) + mem_.offset[v];
+}
+
+
+// ------------------------------------------------------------------------------- the program
+
+namespace {
+
+// Row-major C (M, N) = A (M, K) * W (N, K)^T (+ beta * C), fp32 accumulation; fp32 data without
+// TF32 (pedantic compute), fp16 / bf16 on tensor cores.
+void gemm_rows(cublasHandle_t h, DType t, int M, int N, int K, const void* A, const void* W, void* C, float beta) {
+  const float alpha = 1.f;
+  const cudaDataType_t type = cuda_type(t);
+  const cublasComputeType_t compute = t == DType::F32 ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
+  // Column-major view: C^T (N, M) = W (N, K) * A^T (K, M).
+  DDIM_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, W, type, K, A, type, K, &beta, C, type, N,
+                                 compute, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace
+
+void CudaExecutor::build_program() {
+  program_.clear();
+  const int n = options_.batch;
+  const DType t = dtype_;
+  std::size_t workspace = 0, attention_scratch = 0;
+  std::vector<std::function<void()>> late;  // ops whose buffers are sized after the loop
+  for (int i : fold_.step_nodes) {
+    const Node& node = g_.nodes[i];
+    const NodeDeviceParams& p = weights_->nodes[std::size_t(node_of_[std::size_t(i)])];
+    const graph::Value& xv = g_.values[node.inputs[0]];
+    const graph::Value& yv = g_.values[node.output];
+    const void* x = value_ptr(node.inputs[0]);
+    void* y = value_ptr(node.output);
+    const int hw = xv.h * xv.w;
+    const std::size_t count = std::size_t(n) * std::size_t(xv.elements());
+    StepOp op;
+    op.name = node.name;
+    switch (node.op) {
+      case Op::Conv2d: {
+        const Fusion f = fusion_[std::size_t(i)];
+        const ConvShape s{n, xv.h, xv.w, xv.c, node.out_channels, node.kernel_h, node.kernel_w, node.stride_h, node.stride_w,
+                          node.pad_t, node.pad_b, node.pad_l, node.pad_r};
+        ConvEpilogue epi;
+        epi.bias = p.bias != nullptr;
+        epi.time_add = f.temb >= 0;
+        epi.residual_add = f.residual >= 0;
+        const void* temb = f.temb >= 0 ? value_ptr(f.temb) : nullptr;
+        const void* residual = f.residual >= 0 ? value_ptr(f.residual) : nullptr;
+        std::string what = node.name + ": conv " + std::to_string(node.kernel_h) + "x" + std::to_string(node.kernel_w);
+        if (epi.bias) what += " + bias";
+        if (epi.time_add) what += " + time embedding";
+        if (epi.residual_add) what += " + residual";
+        const CudnnConv* conv = nullptr;
+        try {
+          conv = &convs_->get(cudnn_, s, t, epi, /*autotune=*/false);
+        } catch (const Error& e) {
+          if (e.code() != ErrorCode::Unsupported) throw;
+          info_.fusions.push_back(what + " [direct kernel; cuDNN: " + e.what() + "]");
+        }
+        if (conv) {
+          workspace = std::max(workspace, conv->workspace_bytes());
+          info_.fusions.push_back(what + " [cuDNN " + (conv->fused() ? "fused" : "conv + epilogue kernel") + ", " +
+                                  conv->engine_description() + "]");
+          op.run = [this, conv, x, w = p.weight, b = p.bias, temb, residual, y](cudaStream_t st) {
+            conv->run(cudnn_, x, w, b, temb, residual, y, workspace_.get(), st);
+          };
+        } else {
+          op.run = [s, x, w = p.weight, b = p.bias, temb, residual, y, t, hw_out = yv.h * yv.w, k = node.out_channels, n](cudaStream_t st) {
+            conv2d_direct(s, x, w, b, y, t, st);
+            if (temb || residual) conv_epilogue(y, t, n, hw_out, k, nullptr, temb, residual, st);
+          };
+        }
+        break;
+      }
+      case Op::GroupNorm:
+        if (node.silu) info_.fusions.push_back(node.name + ": group_norm + silu");
+        op.run = [=, gamma = p.gamma, beta = p.beta, groups = node.groups, eps = float(node.eps), silu_after = node.silu,
+                  c = xv.c](cudaStream_t st) { group_norm(x, y, t, n, hw, c, groups, eps, gamma, beta, silu_after, st); };
+        break;
+      case Op::Silu: op.run = [=](cudaStream_t st) { silu(x, y, t, count, st); }; break;
+      case Op::Scale:
+        op.run = [=, a = float(node.scale), b = float(node.shift)](cudaStream_t st) { scale_shift(x, y, t, count, a, b, st); };
+        break;
+      case Op::Add: {
+        const graph::Value& bv = g_.values[node.inputs[1]];
+        const void* b = value_ptr(node.inputs[1]);
+        const float divisor = float(node.divisor);
+        if (xv.kind == bv.kind) op.run = [=](cudaStream_t st) { add(x, b, y, t, count, divisor, st); };
+        else op.run = [=, c = xv.c](cudaStream_t st) { add_broadcast(x, b, y, t, n, hw, c, divisor, st); };
+        break;
+      }
+      case Op::Concat: {
+        if (node.inputs.size() > std::size_t(kMaxConcat))
+          throw Error(ErrorCode::Unsupported, "cuda: " + node.name + " concatenates more than " + std::to_string(kMaxConcat) + " inputs");
+        std::vector<const void*> xs;
+        std::vector<int> cs;
+        for (int v : node.inputs) {
+          xs.push_back(value_ptr(v));
+          cs.push_back(g_.values[v].c);
+        }
+        op.run = [=](cudaStream_t st) { concat_channels(xs.data(), cs.data(), int(xs.size()), y, t, n, hw, st); };
+        break;
+      }
+      case Op::UpsampleNearest2x:
+        op.run = [=, h = xv.h, w = xv.w, c = xv.c](cudaStream_t st) { upsample_nearest2x(x, y, t, n, h, w, c, st); };
+        break;
+      case Op::AvgPool2x:
+        op.run = [=, h = xv.h, w = xv.w, c = xv.c](cudaStream_t st) { avg_pool2x(x, y, t, n, h, w, c, st); };
+        break;
+      case Op::Linear:
+        op.run = [this, t, n, x, y, w = p.weight, b = p.bias, in = xv.c, out = node.out_features](cudaStream_t st) {
+          gemm_rows(cublas_, t, n, out, in, x, w, y, 0.f);  // cuBLAS runs on stream_ (= st)
+          bias_divide_rows(y, t, std::size_t(n), out, b, 1.f, st);
+        };
+        break;
+      case Op::Attention: {
+        const int c = xv.c, d = node.inner_dim ? node.inner_dim : xv.c, heads = node.heads;
+        const int M = n * hw;
+        const float scale = node.attn_scale ? float(*node.attn_scale) : 1.f / std::sqrt(float(d / heads));
+        const std::size_t es = dtype_size(t);
+        attention_scratch = std::max(attention_scratch, std::size_t(M) * std::size_t(4 * d) * es);
+        const void* residual = node.inputs.size() > 1 ? value_ptr(node.inputs[1]) : nullptr;
+        const std::size_t y_bytes = std::size_t(M) * std::size_t(c) * es;
+        op.run = [=, this, rescale = float(node.divisor)](cudaStream_t st) {
+          auto* qkv = attention_scratch_.as<unsigned char>();
+          unsigned char* o = qkv + std::size_t(M) * std::size_t(3 * d) * es;
+          gemm_rows(cublas_, t, M, 3 * d, c, x, p.w_qkv, qkv, 0.f);
+          bias_divide_rows(qkv, t, std::size_t(M), 3 * d, p.b_qkv, 1.f, st);
+          const AttentionShape a{n, hw, heads, d / heads, 3 * d, 3 * d, 3 * d, d, scale};
+          attention(a, qkv, qkv + std::size_t(d) * es, qkv + std::size_t(2 * d) * es, o, t, st);
+          if (residual) DDIM_CUDA_CHECK(cudaMemcpyAsync(y, residual, y_bytes, cudaMemcpyDeviceToDevice, st));
+          gemm_rows(cublas_, t, M, c, d, o, p.w_out, y, residual ? 1.f : 0.f);
+          bias_divide_rows(y, t, std::size_t(M), c, p.b_out, rescale, st);
+        };
+        break;
+      }
+      case Op::TimestepEmbedding:
+        throw Error(ErrorCode::Internal, "cuda: timestep embedding " + node.name + " was not folded into a table");
+    }
+    program_.push_back(std::move(op));
+  }
+  workspace_.reserve(workspace, "the cuDNN workspace");
+  attention_scratch_.reserve(attention_scratch, "the attention q/k/v scratch");
+  // cuBLAS gets its own workspace, so that it never allocates (not allowed inside a capture).
+  cublas_workspace_.reserve(std::size_t(32) << 20, "the cuBLAS workspace");
+  DDIM_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_.get(), cublas_workspace_.bytes()));
+  info_.weight_bytes = weights_->storage.bytes();
+  info_.arena_bytes = mem_.arena_bytes + workspace_.bytes() + attention_scratch_.bytes();
+}
+
+void CudaExecutor::run_forward_ops(cudaStream_t stream) {
+  for (const StepOp& op : program_) {
+    if (options_.profile) {
+      NvtxRange range(op.name.c_str());
+      op.run(stream);
+    } else {
+      op.run(stream);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ public calls
+
+template <class F>
+auto CudaExecutor::guarded(const char* what, F&& f) -> decltype(f()) {
+  if (!lost_.empty())
+    throw Error(ErrorCode::DeviceLost, std::string(what) + ": the CUDA device was lost earlier in this session (" + lost_ +
+                                           "); create a new session after the process restarts");
+  DDIM_CUDA_CHECK(cudaSetDevice(device_));
+  try {
+    return f();
+  } catch (const Error& e) {
+    if (e.code() == ErrorCode::DeviceLost) lost_ = e.what();
+    throw;
+  }
+}
+
+void CudaExecutor::upload_tables(std::span<const int> timesteps) {
+  if (table_timesteps_.size() == timesteps.size() && std::equal(timesteps.begin(), timesteps.end(), table_timesteps_.begin()))
+    return;
+  const std::vector<std::vector<float>> host = cpu::evaluate_time_tables(g_, fold_, host_weights_, timesteps);
+  tables_.resize(g_.values.size());
+  for (int v : fold_.tables) {
+    const std::size_t count = host[v].size();
+    staging_.reserve(count * 4, "the host-layout staging buffer");
+    if (tables_[v].reserve(count * dtype_size(dtype_), "the time table " + g_.values[v].name)) step_graph_valid_ = false;
+    DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), host[v].data(), count * 4, cudaMemcpyHostToDevice, stream_));
+    convert_from_f32(staging_.as<float>(), tables_[v].get(), dtype_, count, stream_);
+    DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the staging buffer is reused by the next table
+  }
+  table_timesteps_.assign(timesteps.begin(), timesteps.end());
+}
+
+void CudaExecutor::forward(std::span<const float> x, std::span<const int> t, std::span<float> out) {
+  guarded("forward", [&] {
+    const int n = options_.batch;
+    const graph::Value& sv = g_.values[g_.sample];
+    const graph::Value& ov = g_.values[g_.output];
+    const std::size_t in_elems = std::size_t(sv.elements()), out_elems = std::size_t(ov.elements());
+    if (x.size() != std::size_t(n) * in_elems || (t.size() != 1 && t.size() != std::size_t(n)) ||
+        out.size() != std::size_t(n) * out_elems)
+      throw Error(ErrorCode::InvalidArgument, "forward: x, t or out has the wrong size for batch " + std::to_string(n));
+    NvtxRange range("ddim.forward");
+    std::vector<int> distinct(t.begin(), t.end());
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    const std::vector<std::vector<float>> host = cpu::evaluate_time_tables(g_, fold_, host_weights_, distinct);
+    // Table rows per sample, straight into the arena.
+    for (int v : fold_.tables) {
+      const std::size_t c = std::size_t(g_.values[v].c);
+      std::vector<float> rows(std::size_t(n) * c);
+      for (int b = 0; b < n; ++b) {
+        const int tb = t.size() == 1 ? t[0] : t[std::size_t(b)];
+        const std::size_t r = std::size_t(std::lower_bound(distinct.begin(), distinct.end(), tb) - distinct.begin());
+        std::copy_n(host[v].data() + r * c, c, rows.data() + std::size_t(b) * c);
+      }
+      staging_.reserve(rows.size() * 4, "the host-layout staging buffer");
+      DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_));
+      convert_from_f32(staging_.as<float>(), value_ptr(v), dtype_, rows.size(), stream_);
+      DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    }
+    staging_.reserve(std::max(x.size(), out.size()) * 4, "the host-layout staging buffer");
+    DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), x.data(), x.size() * 4, cudaMemcpyHostToDevice, stream_));
+    nchw_f32_to_nhwc(staging_.as<float>(), value_ptr(g_.sample), dtype_, n, sv.c, sv.h * sv.w, stream_);
+    run_forward_ops(stream_);
+    nhwc_to_nchw_f32(value_ptr(g_.output), staging_.as<float>(), dtype_, n, ov.c, ov.h * ov.w, stream_);
+    DDIM_CUDA_CHECK(cudaMemcpyAsync(out.data(), staging_.get(), out.size() * 4, cudaMemcpyDeviceToHost, stream_));
+    DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  });
+}
+
+void CudaExecutor::forward_dump(std::span<const float>, std::span<const int>, std::span<float>,
+                                const Session::NodeOutputCallback&) {
+  throw Error(ErrorCode::Unsupported, "per-node dumps run on the CPU backend (fp32 reference); use --device cpu");
+}
+
+void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
+  guarded("sample", [&] {
+    const int n = options_.batch;
+    const graph::Value& sv = g_.values[g_.sample];
+    const graph::Value& ov = g_.values[g_.output];
+    if (ov.c != sv.c || ov.h != sv.h || ov.w != sv.w)
+      throw Error(ErrorCode::Unsupported, "sampling needs a model whose output has the sample's shape (learned variance "
+                                          "outputs are not supported)");
+    for (const DdimStepParams& p : job.steps)
+      if (p.clip == kClipThreshold)
+        throw Error(ErrorCode::Unsupported, "dynamic thresholding is not implemented on the CUDA backend yet; use the CPU "
+                                            "backend (--device cpu) for this model or turn thresholding off");
+    const std::size_t S = job.steps.size(), E = std::size_t(sv.elements()), NE = std::size_t(n) * E;
+    const int c = sv.c, hw = sv.h * sv.w;
+    NvtxRange range("ddim.sample");
+
+    // Per-plan uploads: step parameters, seeds, the time tables, the caller's noise.
+    if (params_.reserve(S * sizeof(DdimStepParams), "the step parameters")) step_graph_valid_ = false;
+    DDIM_CUDA_CHECK(cudaMemcpyAsync(params_.get(), job.steps.data(), S * sizeof(DdimStepParams), cudaMemcpyHostToDevice, stream_));
+    if (seeds_.reserve(std::size_t(n) * 8, "the seeds")) step_graph_valid_ = false;
+    DDIM_CUDA_CHECK(cudaMemcpyAsync(seeds_.get(), job.seeds.data(), std::size_t(n) * 8, cudaMemcpyHostToDevice, stream_));
+    if (step_index_.reserve(sizeof(int), "the step counter")) step_graph_valid_ = false;
+    upload_tables(job.timesteps);
+    const float* noise = nullptr;
+    if (!job.noise.empty()) {
+      if (noise_.reserve(job.noise.size() * 4, "the caller's per-step noise")) step_graph_valid_ = false;
+      DDIM_CUDA_CHECK(cudaMemcpyAsync(noise_.get(), job.noise.data(), job.noise.size() * 4, cudaMemcpyHostToDevice, stream_));
+      noise = noise_.as<float>();
+    }
+    if (x_.reserve(NE * 4, "the sampler state")) step_graph_valid_ = false;
+    float* x0_all = nullptr;
+    float* trajectory = nullptr;
+    if (job.want_x0) {
+      if (x0_all_.reserve(S * NE * 4, "the x0 predictions")) step_graph_valid_ = false;
+      x0_all = x0_all_.as<float>();
+    }
+    if (job.want_trajectory) {
+      if (trajectory_.reserve((S + 1) * NE * 4, "the trajectory")) step_graph_valid_ = false;
+      trajectory = trajectory_.as<float>();
+    }
+
+    // x_T: the caller's (NCHW) or Philox noise, kept fp32 NHWC; the forward reads it rounded.
+    if (!job.x_T.empty()) {
+      staging_.reserve(NE * 4, "the host-layout staging buffer");
+      DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), job.x_T.data(), NE * 4, cudaMemcpyHostToDevice, stream_));
+      nchw_f32_to_nhwc(staging_.as<float>(), x_.get(), DType::F32, n, c, hw, stream_);
+    } else {
+      philox_initial(seeds_.as<std::uint64_t>(), n, c, hw, x_.as<float>(), stream_);
+    }
+    convert_from_f32(x_.as<float>(), value_ptr(g_.sample), dtype_, NE, stream_);
+    if (trajectory) DDIM_CUDA_CHECK(cudaMemcpyAsync(trajectory, x_.get(), NE * 4, cudaMemcpyDeviceToDevice, stream_));
+    DDIM_CUDA_CHECK(cudaMemsetAsync(step_index_.get(), 0, sizeof(int), stream_));
+
+    StepLaunch launch{n, c, hw, params_.as<DdimStepParams>(), step_index_.as<int>(), seeds_.as<std::uint64_t>(), noise,
+                      x_.as<float>(), value_ptr(g_.output), x0_all, trajectory, value_ptr(g_.sample)};
+    const auto enqueue_step = [&](cudaStream_t st) {
+      for (int v : fold_.tables) gather_rows(tables_[v].get(), step_index_.as<int>(), value_ptr(v), dtype_, n, g_.values[v].c, st);
+      run_forward_ops(st);
+      ddim_step(launch, dtype_, st);
+      advance_step(step_index_.as<int>(), st);
+    };
+    // The step graph is captured once and replayed; recaptured only when a buffer it uses moved
+    // or the optional outputs changed.
+    const std::vector<const void*> key{noise, x0_all, trajectory};
+    if (!options_.profile && (!step_graph_ || !step_graph_valid_ || key != captured_with_)) {
+      if (step_graph_) {
+        DDIM_CUDA_CHECK(cudaGraphExecDestroy(step_graph_));
+        step_graph_ = nullptr;
+      }
+      cudaGraph_t graph = nullptr;
+      DDIM_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+      try {
+        enqueue_step(stream_);
+      } catch (...) {
+        (void)cudaStreamEndCapture(stream_, &graph);  // abandon the capture, keep the first error
+        if (graph) (void)cudaGraphDestroy(graph);
+        throw;
+      }
+      DDIM_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+      const cudaError_t inst = cudaGraphInstantiate(&step_graph_, graph, 0);
+      (void)cudaGraphDestroy(graph);
+      DDIM_CUDA_CHECK(inst);
+      captured_with_ = key;
+      step_graph_valid_ = true;
+    }
+
+    // The loop: no host synchronisation, allocation or copy between steps. With a progress
+    // callback one event per step is recorded and the host waits on the previous step's event
+    // (the device stays one step ahead), so the callback runs on the calling thread.
+    cudaEvent_t done[2] = {nullptr, nullptr};
+    if (job.progress)
+      for (auto& e : done) DDIM_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    struct Events {
+      cudaEvent_t* e;
+      ~Events() {
+        for (int i = 0; i < 2; ++i)
+          if (e[i]) (void)cudaEventDestroy(e[i]);
+      }
+    } events{done};
+    const auto report = [&](std::size_t finished) {
+      DDIM_CUDA_CHECK(cudaEventSynchronize(done[(finished - 1) % 2]));
+      if (!job.progress(int(finished), int(S))) {
+        DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        throw Error(ErrorCode::Cancelled, "sampling cancelled by the progress callback after step " + std::to_string(finished));
+      }
+    };
+    for (std::size_t s = 0; s < S; ++s) {
+      {
+        NvtxRange step_range("ddim.step");
+        if (options_.profile) enqueue_step(stream_);
+        else DDIM_CUDA_CHECK(cudaGraphLaunch(step_graph_, stream_));
+      }
+      if (job.progress) {
+        DDIM_CUDA_CHECK(cudaEventRecord(done[s % 2], stream_));
+        if (s >= 1) report(s);
+      }
+    }
+    if (job.progress && S > 0) report(S);
+
+    // Results, back to the host layout.
+    staging_.reserve(NE * 4, "the host-layout staging buffer");
+    nhwc_to_nchw_f32(x_.get(), staging_.as<float>(), DType::F32, n, c, hw, stream_);
+    result.images.resize(NE);
+    DDIM_CUDA_CHECK(cudaMemcpyAsync(result.images.data(), staging_.get(), NE * 4, cudaMemcpyDeviceToHost, stream_));
+    const auto fetch = [&](const DeviceBuffer& src, std::size_t slices, std::vector<float>& dst) {
+      DeviceBuffer tmp(slices * NE * 4, "a result buffer");
+      nhwc_to_nchw_f32(src.get(), tmp.as<float>(), DType::F32, int(slices) * n, c, hw, stream_);
+      dst.resize(slices * NE);
+      DDIM_CUDA_CHECK(cudaMemcpyAsync(dst.data(), tmp.get(), dst.size() * 4, cudaMemcpyDeviceToHost, stream_));
+      DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    };
+    if (trajectory) fetch(trajectory_, S + 1, result.trajectory);
+    if (x0_all) fetch(x0_all_, S, result.x0);
+    DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  });
+}
+
+}  // namespace ddim::cuda

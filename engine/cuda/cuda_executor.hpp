@@ -1,0 +1,96 @@
+#pragma once
+// The CUDA executor: the IR on one device, NHWC activations of one element type in a
+// liveness-planned arena, convolutions through cuDNN (fused epilogues) or the direct kernel,
+// projections through cuBLAS, the rest hand-written kernels; the time-only nodes folded into
+// per-step tables on the host (fp32, once per schedule) and uploaded; one sampling step (table
+// gather, forward, update, step counter) captured once as a CUDA graph and replayed per step.
+//
+// Thread safety: one executor (one Session) must not be used by two threads at once. Sessions
+// are independent: each has its own stream, cuBLAS and cuDNN handles and arena, and sessions of
+// one model on one device share its uploaded weights (read-only), so they run concurrently.
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#include <cudnn.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend.hpp"
+#include "cpu/cpu_backend.hpp"
+#include "cuda/device_memory.hpp"
+#include "cuda/kernels.hpp"
+#include "graph/passes.hpp"
+#include "model_impl.hpp"
+
+namespace ddim::cuda {
+
+class ConvPlanCache;
+
+class CudaExecutor final : public Executor {
+ public:
+  CudaExecutor(const ExecutorContext& ctx, const SessionOptions& options);
+  ~CudaExecutor() override;
+
+  void forward(std::span<const float> x, std::span<const int> t, std::span<float> out) override;
+  void forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
+                    const Session::NodeOutputCallback& dump) override;
+  void sample(const SampleJob& job, SampleResult& result) override;
+  const PlanInfo& plan_info() const override { return info_; }
+
+ private:
+  // One launch (or a few) of the step program, with the graph node it implements.
+  struct StepOp {
+    std::string name;
+    std::function<void(cudaStream_t)> run;
+  };
+  void init(const ExecutorContext& ctx);
+  void release() noexcept;
+  void plan();
+  void build_program();
+  void run_forward_ops(cudaStream_t stream);  // the step program (eager), NVTX range per op in profile mode
+  void upload_tables(std::span<const int> timesteps);
+  void* value_ptr(int v) const;
+  template <class F> auto guarded(const char* what, F&& f) -> decltype(f());
+
+  std::shared_ptr<const Model> model_;
+  const Model::Impl& m_;
+  SessionOptions options_;
+  DType dtype_ = DType::F16;
+  int device_ = 0;
+  graph::Graph g_;                 // the fused step graph (conv + add epilogues merged)
+  graph::TimeFolding fold_;
+  graph::MemoryPlan mem_;
+  std::vector<cpu::NodeWeights> host_weights_;  // for the host time tables
+  std::shared_ptr<const DeviceWeights> weights_;
+  std::vector<int> node_of_;       // fused graph node -> model graph node (for the weights)
+
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  cudnnHandle_t cudnn_ = nullptr;
+  std::unique_ptr<ConvPlanCache> convs_;
+  DeviceBuffer arena_, workspace_, cublas_workspace_, attention_scratch_;
+  DeviceBuffer staging_;           // fp32 host-layout input / output
+  DeviceBuffer x_, x0_all_, trajectory_;
+  DeviceBuffer params_, seeds_, noise_, step_index_;
+  std::vector<DeviceBuffer> tables_;  // per value: (rows, C) of the element type
+  std::vector<int> table_timesteps_;
+  std::vector<StepOp> program_;
+
+  struct Fusion {
+    int temb = -1, residual = -1;
+  };
+  std::vector<Fusion> fusion_;  // per node of g_: the adds merged into a convolution
+  int ctx_height_ = 0, ctx_width_ = 0;
+
+  // The captured step and what it was captured with; invalid when a buffer it uses moved.
+  cudaGraphExec_t step_graph_ = nullptr;
+  bool step_graph_valid_ = false;
+  std::vector<const void*> captured_with_;
+
+  std::string lost_;  // non-empty after a sticky device error: every later call reports it
+  PlanInfo info_;
+};
+
+}  // namespace ddim::cuda
