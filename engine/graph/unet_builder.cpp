@@ -20,6 +20,14 @@ UNetConfig UNetConfig::cifar10() {
   return c;
 }
 
+UNetConfig UNetConfig::celebahq256() {
+  UNetConfig c = cifar10();  // the same block structure and embedding settings
+  c.sample_height = c.sample_width = 256;
+  c.block_out_channels = {128, 128, 256, 256, 512, 512};
+  c.down_attention = {false, false, false, false, true, false};
+  return c;
+}
+
 std::int64_t BuiltUNet::parameter_count() const {
   std::int64_t total = 0;
   for (const auto& [name, shape] : params) {

@@ -35,6 +35,8 @@ struct UNetConfig {
 
   // The google/ddpm-cifar10-32 architecture (35,746,307 parameters).
   static UNetConfig cifar10();
+  // The google/ddpm-celebahq-256 architecture (113,673,219 parameters).
+  static UNetConfig celebahq256();
 };
 
 struct BuiltUNet {

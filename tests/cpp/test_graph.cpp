@@ -158,6 +158,25 @@ TEST_CASE("graph: the cifar10-32 builder has the published parameter count") {
   CHECK(g.values[g.output].c == 3);
 }
 
+TEST_CASE("graph: the celebahq-256 builder has the published parameter count") {
+  auto net = graph::build_unet2d(graph::UNetConfig::celebahq256());
+  CHECK(net.parameter_count() == 113673219);
+  auto g = graph::parse_graph(net.graph);
+  graph::infer_shapes(g, 256, 256);
+  CHECK(g.values[g.output].c == 3);
+  CHECK(g.values[g.output].h == 256);
+}
+
+TEST_CASE("graph: forward FLOPs count the per-step convolutions, by hand on the small graph") {
+  auto g = graph::parse_graph(small_graph());
+  graph::infer_shapes(g, 8, 8);
+  const auto f = graph::fold_time_only(g);
+  // conv 3x3, 3 -> 4 channels at 8x8: 2 * 4 * 64 * 3 * 9 = 13824; out 1x1, 4 -> 3: 2 * 3 * 64 * 4 =
+  // 1536; the linear is time-only (folded), the add is elementwise: 15360 per sample.
+  CHECK(graph::forward_flops(g, f, 1) == 15360.0);
+  CHECK(graph::forward_flops(g, f, 3) == 3 * 15360.0);
+}
+
 TEST_CASE("time-only folding: only time nodes are folded and no step node depends on the timestep alone") {
   auto g = graph::parse_graph(graph::build_unet2d(graph::UNetConfig::cifar10()).graph);
   auto f = graph::fold_time_only(g);

@@ -15,11 +15,12 @@ namespace {
 
 void usage(FILE* f) {
   std::fprintf(f,
-               "usage: ddim-make-model --preset tiny|small|cifar10-32 --out FILE [--seed 0] [--dtype f32|f16|bf16]\n"
+               "usage: ddim-make-model --preset tiny|small|cifar10-32|celebahq-256 --out FILE [--seed 0] [--dtype f32|f16|bf16]\n"
                "  Writes a ddim model file with random weights (PyTorch's default init scale).\n"
                "  tiny:       32x32 RGB, channels (32, 64), attention at 16x16, 1 layer per block\n"
                "  small:      32x32 RGB, channels (64, 128, 128), attention at 16x16, 2 layers per block\n"
-               "  cifar10-32: the google/ddpm-cifar10-32 architecture (35.7M parameters)\n");
+               "  cifar10-32: the google/ddpm-cifar10-32 architecture (35.7M parameters)\n"
+               "  celebahq-256: the google/ddpm-celebahq-256 architecture (113.7M parameters)\n");
 }
 
 }  // namespace
@@ -80,8 +81,10 @@ int main(int argc, char** argv) {
     c.norm_num_groups = 16;
   } else if (preset == "cifar10-32") {
     c = ddim::graph::UNetConfig::cifar10();
+  } else if (preset == "celebahq-256") {
+    c = ddim::graph::UNetConfig::celebahq256();
   } else {
-    std::fprintf(stderr, "ddim-make-model: error: unknown preset '%s' (tiny, small, cifar10-32)\n", preset.c_str());
+    std::fprintf(stderr, "ddim-make-model: error: unknown preset '%s' (tiny, small, cifar10-32, celebahq-256)\n", preset.c_str());
     return 2;
   }
   try {
