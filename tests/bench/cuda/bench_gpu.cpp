@@ -1,0 +1,228 @@
+// GPU benchmark of one model file (tools/bench runs it per preset): prints one JSON object with
+//   cold_start_ms          file -> first 50-step image at batch 1, in a fresh process (includes
+//                          CUDA context creation, the weight upload, planning and graph capture)
+//   forward_ms             Session::forward at batch 1 (host tables, copies in and out), median
+//   sample50_ms[batch]     a 50-step sample, median over runs (batch 1 and the throughput batches)
+//   images_per_s[batch]    batch / sample50 time
+//   tflops[batch]          forward FLOPs (unpadded, graph/passes.hpp) x 50 / sample50 time
+//   peak_mib[batch]        peak device memory of this process during that configuration, from
+//                          NVML's per-process accounting (the same figure nvidia-smi shows), the
+//                          way tools/bench_torch.py measures PyTorch
+//   gemm_fp16_tflops       a dense 8192^3 fp16 GEMM with fp32 accumulation (cuBLAS), best of 10:
+//                          the reference for the effective FLOP rate
+// Numbers only: nothing is asserted.
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ddim/ddim.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double ms_since(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
+
+// NVML through dlopen (the driver ships libnvidia-ml.so.1; no build dependency).
+class ProcessMemory {
+ public:
+  explicit ProcessMemory(int cuda_device) {
+    lib_ = dlopen("libnvidia-ml.so.1", RTLD_NOW);
+    if (!lib_) return;
+    auto init = reinterpret_cast<int (*)()>(dlsym(lib_, "nvmlInit_v2"));
+    auto by_bus = reinterpret_cast<int (*)(const char*, void**)>(dlsym(lib_, "nvmlDeviceGetHandleByPciBusId_v2"));
+    query_ = reinterpret_cast<int (*)(void*, unsigned*, Info*)>(dlsym(lib_, "nvmlDeviceGetComputeRunningProcesses_v3"));
+    char bus[64] = {0};
+    if (!init || !by_bus || !query_ || init() != 0 || cudaDeviceGetPCIBusId(bus, sizeof bus, cuda_device) != cudaSuccess ||
+        by_bus(bus, &device_) != 0)
+      query_ = nullptr;
+  }
+  bool available() const { return query_ != nullptr; }
+  // This process's device memory in bytes (0 when unknown).
+  unsigned long long now() const {
+    if (!query_) return 0;
+    Info infos[64];
+    unsigned count = 64;
+    if (query_(device_, &count, infos) != 0) return 0;
+    for (unsigned i = 0; i < count; ++i)
+      if (infos[i].pid == unsigned(getpid())) return infos[i].used;
+    return 0;
+  }
+
+ private:
+  struct Info {
+    unsigned pid;
+    unsigned long long used;
+    unsigned gpu_instance, compute_instance;
+  };
+  void* lib_ = nullptr;
+  void* device_ = nullptr;
+  int (*query_)(void*, unsigned*, Info*) = nullptr;
+};
+
+// Samples ProcessMemory every 2 ms on a thread; peak() since the last reset.
+class PeakWatcher {
+ public:
+  explicit PeakWatcher(const ProcessMemory& m) : m_(m), thread_([this] {
+    while (!stop_) {
+      const unsigned long long v = m_.now();
+      unsigned long long cur = peak_.load();
+      while (v > cur && !peak_.compare_exchange_weak(cur, v)) {
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  }) {}
+  ~PeakWatcher() {
+    stop_ = true;
+    thread_.join();
+  }
+  void reset() { peak_ = m_.now(); }
+  double peak_mib() const { return double(peak_.load()) / (1 << 20); }
+
+ private:
+  const ProcessMemory& m_;
+  std::atomic<bool> stop_{false};
+  std::atomic<unsigned long long> peak_{0};
+  std::thread thread_;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+double gemm_fp16_tflops() {
+  const int n = 8192;
+  void *a = nullptr, *b = nullptr, *c = nullptr;
+  if (cudaMalloc(&a, std::size_t(n) * n * 2) || cudaMalloc(&b, std::size_t(n) * n * 2) || cudaMalloc(&c, std::size_t(n) * n * 2))
+    return 0;
+  cudaMemset(a, 0, std::size_t(n) * n * 2);
+  cudaMemset(b, 0, std::size_t(n) * n * 2);
+  cublasHandle_t h;
+  cublasCreate(&h);
+  const float alpha = 1, beta = 0;
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  double best = 1e30;
+  for (int i = 0; i < 12; ++i) {
+    cudaEventRecord(e0);
+    cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16F, n, b, CUDA_R_16F, n, &beta, c, CUDA_R_16F, n,
+                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    if (i >= 2) best = std::min(best, double(ms));
+  }
+  cublasDestroy(h);
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  return 2.0 * n * n * double(n) / (best * 1e-3) / 1e12;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: bench_gpu MODEL.ddim fp16|bf16|fp32 [BATCH...] [--runs N]\n");
+    return 2;
+  }
+  try {
+    const std::string path = argv[1];
+    const ddim::Precision precision = ddim::parse_precision(argv[2]);
+    std::vector<int> batches;
+    int runs = 10;
+    for (int i = 3; i < argc; ++i) {
+      if (std::strcmp(argv[i], "--runs") == 0 && i + 1 < argc) runs = std::atoi(argv[++i]);
+      else batches.push_back(std::atoi(argv[i]));
+    }
+    ddim::SampleOptions so;
+    so.steps = 50;
+    so.seed = 0;
+
+    // Cold start first, before anything touches the device.
+    const auto t0 = Clock::now();
+    auto model = ddim::Model::load(path);
+    ddim::SessionOptions o;
+    o.backend = ddim::BackendKind::Cuda;
+    o.precision = precision;
+    o.batch = 1;
+    auto session = ddim::Session::create(model, o);
+    session->sample(so);
+    const double cold = ms_since(t0);
+
+    ProcessMemory mem(0);
+    PeakWatcher watch(mem);
+    std::map<int, double> sample_ms, peak;
+    double forward_ms = 0, flops1 = session->plan_info().forward_flops;
+    {
+      const std::size_t E = std::size_t(model->info().in_channels) * model->info().height * model->info().width;
+      std::vector<float> x(E, 0.1f);
+      std::vector<int> t{500};
+      session->forward(x, t);
+      std::vector<double> v;
+      for (int i = 0; i < 20; ++i) {
+        const auto s0 = Clock::now();
+        session->forward(x, t);
+        v.push_back(ms_since(s0));
+      }
+      forward_ms = median(v);
+    }
+    session.reset();
+    std::map<int, double> flops;
+    batches.insert(batches.begin(), 1);
+    for (int b : batches) {
+      watch.reset();
+      o.batch = b;
+      auto s = ddim::Session::create(model, o);
+      s->sample(so);  // warm-up: capture
+      std::vector<double> v;
+      for (int i = 0; i < std::max(3, b > 16 ? runs / 3 : runs); ++i) {
+        const auto s0 = Clock::now();
+        s->sample(so);
+        v.push_back(ms_since(s0));
+      }
+      sample_ms[b] = median(v);
+      flops[b] = s->plan_info().forward_flops;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      peak[b] = watch.peak_mib();
+    }
+    const double gemm = gemm_fp16_tflops();
+    cudaDeviceProp prop{};
+    cudaGetDeviceProperties(&prop, 0);
+    int driver = 0, runtime = 0;
+    cudaDriverGetVersion(&driver);
+    cudaRuntimeGetVersion(&runtime);
+    std::printf("{\"model\": \"%s\", \"precision\": \"%s\", \"gpu\": \"%s\", \"driver\": %d, \"cuda_runtime\": %d,\n", path.c_str(),
+                argv[2], prop.name, driver, runtime);
+    std::printf(" \"parameters\": %lld, \"forward_gflop_batch1\": %.3f, \"cold_start_ms\": %.1f, \"forward_ms\": %.3f,\n",
+                static_cast<long long>(model->info().parameter_count), flops1 / 1e9, cold, forward_ms);
+    std::printf(" \"gemm_fp16_tflops\": %.1f, \"nvml\": %s,\n", gemm, mem.available() ? "true" : "false");
+    std::printf(" \"runs\": [");
+    bool first = true;
+    for (int b : batches) {
+      const double s = sample_ms[b] / 1e3;
+      std::printf("%s\n  {\"batch\": %d, \"sample50_ms\": %.3f, \"images_per_s\": %.1f, \"tflops\": %.2f, \"peak_mib\": %.0f}",
+                  first ? "" : ",", b, sample_ms[b], b / s, flops[b] * 50 / s / 1e12, peak[b]);
+      first = false;
+    }
+    std::printf("]}\n");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_gpu: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,259 @@
+// The CUDA backend as a whole (suite "gpu"): sessions on the GPU against the CPU reference,
+// determinism (repeated runs, graph replay vs eager), the per-step kernels bitwise equal to the
+// host's shared math, batch independence, errors. Needs a CUDA device; see tests/cpp/main.cpp.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../cpp/test_util.hpp"
+#include "cuda/kernels.hpp"
+#include "ddim/ddim.hpp"
+#include "graph/unet_builder.hpp"
+#include "gpu_util.hpp"
+#include "kernels/philox.h"
+#include "sampler/noise.hpp"
+#include "schedule/ddim_params.hpp"
+
+using namespace ddim;
+namespace g = ddim::test::gpu;
+
+namespace {
+
+std::unique_ptr<Session> cuda_session(std::shared_ptr<const Model> model, int batch, Precision p = Precision::FP32,
+                                      bool profile = false) {
+  SessionOptions o;
+  o.backend = BackendKind::Cuda;
+  o.batch = batch;
+  o.precision = p;
+  o.profile = profile;
+  return Session::create(std::move(model), o);
+}
+
+bool bitwise_equal(std::span<const float> a, std::span<const float> b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+double max_abs(std::span<const float> a) {
+  double m = 0;
+  for (float v : a) m = std::max(m, double(std::fabs(v)));
+  return m;
+}
+
+// A smaller model of the cifar10-32 kind: 32x32, 3 levels with attention at 16x16, 32 groups.
+std::shared_ptr<const Model> small_unet_model() {
+  graph::UNetConfig c;
+  c.block_out_channels = {64, 128, 128};
+  c.down_attention = {false, true, false};
+  c.layers_per_block = 1;
+  c.attention_head_dim = 32;
+  return Model::load_from_memory(graph::make_random_model_file(c, ScheduleConfig{}, 11), "small");
+}
+
+}  // namespace
+
+TEST_SUITE("gpu") {
+  TEST_CASE("cuda: Philox initial noise on the device equals the host's bitwise") {
+    const int n = 3, c = 3, hw = 32 * 32 + 5;  // a count that is not a multiple of 4 per sample
+    std::vector<std::uint64_t> seeds{0, 7, 0xFFFFFFFFFFull};
+    g::DevBytes d_seeds(seeds.size() * 8), d_x(std::size_t(n) * c * hw * 4);
+    d_seeds.upload(seeds.data());
+    cuda::philox_initial(static_cast<const std::uint64_t*>(d_seeds.data()), n, c, hw, static_cast<float*>(d_x.data()), nullptr);
+    g::sync();
+    std::vector<float> nhwc(std::size_t(n) * c * hw);
+    d_x.download(nhwc.data());
+    const std::vector<float> got = g::nhwc_to_nchw(nhwc, n, c, hw);
+    for (int b = 0; b < n; ++b) {
+      std::vector<float> ref(std::size_t(c) * hw);
+      fill_normal(seeds[std::size_t(b)], kNoiseStreamInitial, 0, ref);
+      CHECK(bitwise_equal(std::span(got).subspan(std::size_t(b) * c * hw, std::size_t(c) * hw), ref));
+    }
+    CHECK(d_x.guards_intact());
+  }
+
+  TEST_CASE("cuda: the step kernel equals the host's DDIM and DDPM steps bitwise, noise included") {
+    // fp32 model output, so both sides compute from identical floats with the same rounded
+    // operations (kernels/hd.h): the results must agree to the bit.
+    const int n = 2, c = 3, hw = 64;
+    const std::size_t NE = std::size_t(n) * c * hw;
+    const auto x = g::random_vector(NE, 1, -2.f, 2.f), out = g::random_vector(NE, 2, -2.f, 2.f);
+    std::vector<DdimStepParams> steps(3);
+    steps[0] = {0.3f, 0.95393920f, 0.5f, 0.7f, 0.2f, 1.f, kPredEpsilon, kClipRange, 0, 900, kUpdateDdim};
+    steps[1] = {0.8f, 0.6f, 0.9f, 0.3f, 0.25f, 1.f, kPredV, kClipNone, 1, 500, kUpdateDdim};
+    steps[2] = {0.9f, 0.43588989f, 0.95f, 0.f, 0.05f, 1.f, kPredEpsilon, kClipRange, 0, 10, kUpdateDdpm, 0.4f, 0.55f};
+    const std::vector<std::uint64_t> seeds{5, 6};
+    for (int step = 0; step < 3; ++step) {
+      CAPTURE(step);
+      g::DevBytes d_params(steps.size() * sizeof(DdimStepParams)), d_index(4), d_seeds(16), d_x(NE * 4), d_out(NE * 4),
+          d_x0(3 * NE * 4);
+      d_params.upload(steps.data());
+      d_index.upload(&step);
+      d_seeds.upload(seeds.data());
+      d_x.upload(g::nchw_to_nhwc(x, n, c, hw).data());
+      d_out.upload(g::nchw_to_nhwc(out, n, c, hw).data());
+      cuda::StepLaunch s{n, c, hw, static_cast<const DdimStepParams*>(d_params.data()), static_cast<const int*>(d_index.data()),
+                         static_cast<const std::uint64_t*>(d_seeds.data()), nullptr, static_cast<float*>(d_x.data()),
+                         d_out.data(), static_cast<float*>(d_x0.data()), nullptr, nullptr};
+      cuda::ddim_step(s, cuda::DType::F32, nullptr);
+      g::sync();
+      std::vector<float> got(NE), x0_all(3 * NE);
+      d_x.download(got.data());
+      d_x0.download(x0_all.data());
+      for (int b = 0; b < n; ++b) {
+        const std::size_t E = std::size_t(c) * hw;
+        std::vector<float> z(E), x0(E), prev(E);
+        fill_normal(seeds[std::size_t(b)], kNoiseStreamStep, std::uint32_t(step), z);
+        ddim_step_sample(steps[std::size_t(step)], std::span(x).subspan(b * E, E), std::span(out).subspan(b * E, E), z, x0, prev,
+                         0.995, 1.0);
+        const auto got_b = g::nhwc_to_nchw(got, n, c, hw);
+        CHECK(bitwise_equal(std::span(got_b).subspan(b * E, E), prev));
+        const std::vector<float> slice(x0_all.begin() + std::ptrdiff_t(step * NE), x0_all.begin() + std::ptrdiff_t((step + 1) * NE));
+        const auto x0_b = g::nhwc_to_nchw(slice, n, c, hw);
+        CHECK(bitwise_equal(std::span(x0_b).subspan(b * E, E), x0));
+      }
+      CHECK(d_x.guards_intact());
+      CHECK(d_x0.guards_intact());
+    }
+  }
+
+  TEST_CASE("cuda: forward fp32 equals the CPU backend (tiny and a 3-level 32x32 U-Net)") {
+    // Bound: 1e-4 of the output's largest magnitude, fp32 without TF32 (cuDNN engines that
+    // down-convert are excluded, cuBLAS runs pedantic fp32), after ~20 layers of reductions in a
+    // different order than the CPU's.
+    for (auto model : {test::tiny_model(), small_unet_model()}) {
+      CAPTURE(model->info().height);
+      const int n = 2;
+      auto cpu = test::cpu_session(model, n);
+      auto gpu = cuda_session(model, n);
+      const std::size_t E = std::size_t(model->info().in_channels) * model->info().height * model->info().width;
+      const auto x = g::random_vector(n * E, 3, -1.5f, 1.5f);
+      const std::vector<int> t{999, 37};
+      const auto ref = cpu->forward(x, t), got = gpu->forward(x, t);
+      const auto d = g::compare(got, ref, 1e-4 * max_abs(ref));
+      MESSAGE("forward fp32 max abs diff " << d.max_abs << " (max |ref| " << max_abs(ref) << ")");
+      CHECK(d.non_finite == 0);
+      CHECK(d.max_abs <= 1e-4 * max_abs(ref));
+    }
+  }
+
+  TEST_CASE("cuda: a 50-step sample, fp32 on the GPU vs the CPU, same seed") {
+    // Measured bound to be stated in the gpu-check report; the check here is 1e-3 absolute on
+    // samples of magnitude ~1 (clip_sample on keeps x0 in [-1, 1]).
+    auto model = small_unet_model();
+    auto cpu = test::cpu_session(model, 2);
+    auto gpu = cuda_session(model, 2);
+    SampleOptions o;
+    o.steps = 50;
+    o.seed = 42;
+    const auto ref = cpu->sample(o), got = gpu->sample(o);
+    const auto d = g::compare(got.images, ref.images);
+    MESSAGE("50-step sample, GPU fp32 vs CPU: max abs diff " << d.max_abs);
+    CHECK(d.non_finite == 0);
+    CHECK(d.max_abs <= 1e-3);
+  }
+
+  TEST_CASE("cuda: sampling is bitwise deterministic, graph replay equals eager steps") {
+    for (Precision p : {Precision::FP32, Precision::FP16, Precision::BF16}) {
+      CAPTURE(to_string(p));
+      auto model = small_unet_model();
+      auto graphed = cuda_session(model, 2, p);
+      auto eager = cuda_session(model, 2, p, /*profile=*/true);
+      SampleOptions o;
+      o.steps = 20;
+      o.eta = 0.5;  // per-step noise on the device too
+      o.seed = 9;
+      const auto a = graphed->sample(o), b = graphed->sample(o), c = eager->sample(o);
+      CHECK(bitwise_equal(a.images, b.images));
+      CHECK(bitwise_equal(a.images, c.images));
+      CHECK(std::all_of(a.images.begin(), a.images.end(), [](float v) { return std::isfinite(v); }));
+    }
+  }
+
+  TEST_CASE("cuda: fp16 and bf16 samples stay close to fp32") {
+    // Loose bounds (the trajectory amplifies rounding over 50 steps): mean abs difference to the
+    // fp32 sample below 0.05 (fp16) and 0.1 (bf16) on values in [-1, 1]; the measured values are
+    // printed for the report.
+    auto model = small_unet_model();
+    SampleOptions o;
+    o.steps = 50;
+    o.seed = 3;
+    const auto ref = cuda_session(model, 2)->sample(o);
+    for (Precision p : {Precision::FP16, Precision::BF16}) {
+      const auto got = cuda_session(model, 2, p)->sample(o);
+      double sum = 0;
+      for (std::size_t i = 0; i < ref.images.size(); ++i) sum += std::fabs(double(got.images[i]) - ref.images[i]);
+      const double mean = sum / double(ref.images.size());
+      MESSAGE(to_string(p) << " vs fp32, 50 steps: mean abs diff " << mean);
+      CHECK(mean < (p == Precision::FP16 ? 0.05 : 0.1));
+    }
+  }
+
+  TEST_CASE("cuda: a sample inside a batch equals the same sample alone") {
+    // Same seed -> same x_T and noise; only the batch size differs, which may change cuDNN's and
+    // cuBLAS's algorithms: fp32 within 1e-4 absolute.
+    auto model = small_unet_model();
+    SampleOptions o;
+    o.steps = 10;
+    o.seed = 100;
+    const auto batch = cuda_session(model, 4)->sample(o);
+    o.seed = 102;
+    const auto alone = cuda_session(model, 1)->sample(o);
+    const std::size_t E = alone.images.size();
+    const std::vector<float> third(batch.images.begin() + std::ptrdiff_t(2 * E), batch.images.begin() + std::ptrdiff_t(3 * E));
+    const auto d = g::compare(third, alone.images);
+    MESSAGE("batch vs alone max abs diff " << d.max_abs);
+    CHECK(d.max_abs <= 1e-4);
+  }
+
+  TEST_CASE("cuda: trajectory, x0 predictions and progress on the device path") {
+    auto model = test::tiny_model();
+    auto gpu = cuda_session(model, 2);
+    auto cpu = test::cpu_session(model, 2);
+    SampleOptions o;
+    o.steps = 5;
+    o.want_trajectory = true;
+    o.want_x0 = true;
+    std::vector<int> seen;
+    o.progress = [&](int done, int) {
+      seen.push_back(done);
+      return true;
+    };
+    const auto got = gpu->sample(o);
+    CHECK(seen == std::vector<int>{1, 2, 3, 4, 5});
+    o.progress = {};
+    const auto ref = cpu->sample(o);
+    REQUIRE(got.trajectory.size() == ref.trajectory.size());
+    REQUIRE(got.x0.size() == ref.x0.size());
+    CHECK(g::compare(got.trajectory, ref.trajectory).max_abs <= 1e-3);
+    CHECK(g::compare(got.x0, ref.x0).max_abs <= 1e-3);
+    o.progress = [](int done, int) { return done < 3; };
+    try {
+      gpu->sample(o);
+      FAIL("expected a cancellation");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::Cancelled);
+    }
+    // The session still works after a cancellation.
+    o.progress = {};
+    CHECK(bitwise_equal(gpu->sample(o).images, got.images));
+  }
+
+  TEST_CASE("cuda: a plan that cannot fit in device memory is a clean OutOfMemory error") {
+    SessionOptions o;
+    o.backend = BackendKind::Cuda;
+    o.batch = 4096;
+    o.height = 1024;
+    o.width = 768;
+    o.precision = Precision::FP32;
+    try {
+      Session::create(test::tiny_model(), o);
+      FAIL("expected OutOfMemory");
+    } catch (const Error& e) {
+      MESSAGE(e.what());
+      CHECK(e.code() == ErrorCode::OutOfMemory);
+    }
+    // The device is still usable afterwards.
+    CHECK_NOTHROW(cuda_session(test::tiny_model(), 1)->forward(std::vector<float>(3 * 16 * 12, 0.f), std::vector<int>{5}));
+  }
+}
