@@ -91,47 +91,13 @@ void CudaExecutor::release() noexcept {
   stream_ = nullptr;
 }
 
-// Merges into a convolution the Add that immediately follows it in step order when the add has
-// divisor 1 and the convolution's output is read by nothing else: the broadcast time-embedding
-// add of a resnet (conv1 + temb) and the residual add (conv2 + shortcut) become the conv's
-// epilogue. Rewritten before the memory plan, so liveness sees the conv writing the add's output.
+// The conv + add fusion (graph::fuse_conv_adds) runs before the memory plan, so liveness sees
+// each fused convolution reading its time-embedding or residual input.
 void CudaExecutor::plan() {
-  const graph::TimeFolding fold0 = graph::fold_time_only(g_);
-  std::vector<int> readers(g_.values.size(), 0);
-  for (const Node& n : g_.nodes)
-    for (int v : n.inputs) ++readers[v];
-  std::vector<char> drop(g_.nodes.size(), 0);
-  std::vector<Fusion> fusion(g_.nodes.size());  // temb: broadcast time table; residual: elementwise
-  for (std::size_t p = 0; p + 1 < fold0.step_nodes.size(); ++p) {
-    const int ci = fold0.step_nodes[p], ai = fold0.step_nodes[p + 1];
-    Node& conv = g_.nodes[ci];
-    const Node& add = g_.nodes[ai];
-    if (conv.op != Op::Conv2d || add.op != Op::Add || add.divisor != 1.0 || readers[conv.output] != 1 ||
-        conv.output == g_.output)
-      continue;
-    const int other = add.inputs[0] == conv.output ? add.inputs[1] : add.inputs[1] == conv.output ? add.inputs[0] : -1;
-    if (other < 0 || other == conv.output) continue;
-    const auto& ov = g_.values[other];
-    if (ov.kind == Kind::Vector && fold0.time_only[other]) fusion[ci].temb = other;
-    else if (ov.kind == Kind::Spatial && ov.c == g_.values[conv.output].c && ov.h == g_.values[conv.output].h &&
-             ov.w == g_.values[conv.output].w)
-      fusion[ci].residual = other;
-    else
-      continue;
-    conv.inputs.push_back(other);
-    conv.output = add.output;
-    drop[ai] = 1;
-  }
-  std::vector<Node> kept;
-  std::vector<Fusion> kept_fusion;
-  for (std::size_t i = 0; i < g_.nodes.size(); ++i) {
-    if (drop[i]) continue;
-    node_of_.push_back(int(i));
-    kept.push_back(g_.nodes[i]);
-    kept_fusion.push_back(fusion[i]);
-  }
-  g_.nodes = std::move(kept);
-  for (std::size_t i = 0; i < g_.nodes.size(); ++i) g_.values[g_.nodes[i].output].producer = int(i);
+  graph::FusedGraph fused = graph::fuse_conv_adds(g_);
+  g_ = std::move(fused.graph);
+  node_of_ = std::move(fused.node_of);
+  fusion_ = std::move(fused.fusion);
   fold_ = graph::fold_time_only(g_);
   mem_ = graph::plan_memory(g_, fold_, options_.batch, dtype_size(dtype_), 256, {g_.sample});
   arena_ = DeviceBuffer(mem_.arena_bytes, "the activation arena (batch " + std::to_string(options_.batch) + ")");
@@ -141,8 +107,6 @@ void CudaExecutor::plan() {
     const std::vector<cpu::NodeWeights> all = cpu::resolve_node_weights(m_.graph, m_);
     for (int i : node_of_) host_weights_.push_back(all[std::size_t(i)]);
   }
-  // The fusion of each kept node travels in a side table captured by build_program.
-  fusion_.assign(kept_fusion.begin(), kept_fusion.end());
 
   info_.backend = [&] {
     cudaDeviceProp prop{};
@@ -202,7 +166,7 @@ void CudaExecutor::build_program() {
     op.name = node.name;
     switch (node.op) {
       case Op::Conv2d: {
-        const Fusion f = fusion_[std::size_t(i)];
+        const graph::ConvFusion f = fusion_[std::size_t(i)];
         const ConvShape s{n, xv.h, xv.w, xv.c, node.out_channels, node.kernel_h, node.kernel_w, node.stride_h, node.stride_w,
                           node.pad_t, node.pad_b, node.pad_l, node.pad_r};
         ConvEpilogue epi;
@@ -217,7 +181,7 @@ void CudaExecutor::build_program() {
         if (epi.residual_add) what += " + residual";
         const CudnnConv* conv = nullptr;
         try {
-          conv = &convs_->get(cudnn_, s, t, epi, /*autotune=*/false);
+          conv = &convs_->get(cudnn_, s, t, epi, options_.autotune);
         } catch (const Error& e) {
           if (e.code() != ErrorCode::Unsupported) throw;
           info_.fusions.push_back(what + " [direct kernel; cuDNN: " + e.what() + "]");
@@ -518,11 +482,17 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
     }
     if (job.progress && S > 0) report(S);
 
-    // Results, back to the host layout.
-    staging_.reserve(NE * 4, "the host-layout staging buffer");
-    nhwc_to_nchw_f32(x_.get(), staging_.as<float>(), DType::F32, n, c, hw, stream_);
-    result.images.resize(NE);
-    DDIM_CUDA_CHECK(cudaMemcpyAsync(result.images.data(), staging_.get(), NE * 4, cudaMemcpyDeviceToHost, stream_));
+    // Results, back to the host layout (on the device for output_on_device).
+    if (job.output_on_device) {
+      output_.reserve(NE * 4, "the device-side output");
+      nhwc_to_nchw_f32(x_.get(), output_.as<float>(), DType::F32, n, c, hw, stream_);
+      result.device_images = output_.as<float>();
+    } else {
+      staging_.reserve(NE * 4, "the host-layout staging buffer");
+      nhwc_to_nchw_f32(x_.get(), staging_.as<float>(), DType::F32, n, c, hw, stream_);
+      result.images.resize(NE);
+      DDIM_CUDA_CHECK(cudaMemcpyAsync(result.images.data(), staging_.get(), NE * 4, cudaMemcpyDeviceToHost, stream_));
+    }
     const auto fetch = [&](const DeviceBuffer& src, std::size_t slices, std::vector<float>& dst) {
       DeviceBuffer tmp(slices * NE * 4, "a result buffer");
       nhwc_to_nchw_f32(src.get(), tmp.as<float>(), DType::F32, int(slices) * n, c, hw, stream_);

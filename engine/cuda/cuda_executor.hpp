@@ -72,16 +72,14 @@ class CudaExecutor final : public Executor {
   std::unique_ptr<ConvPlanCache> convs_;
   DeviceBuffer arena_, workspace_, cublas_workspace_, attention_scratch_;
   DeviceBuffer staging_;           // fp32 host-layout input / output
+  DeviceBuffer output_;            // SampleJob::output_on_device results
   DeviceBuffer x_, x0_all_, trajectory_;
   DeviceBuffer params_, seeds_, noise_, step_index_;
   std::vector<DeviceBuffer> tables_;  // per value: (rows, C) of the element type
   std::vector<int> table_timesteps_;
   std::vector<StepOp> program_;
 
-  struct Fusion {
-    int temb = -1, residual = -1;
-  };
-  std::vector<Fusion> fusion_;  // per node of g_: the adds merged into a convolution
+  std::vector<graph::ConvFusion> fusion_;  // per node of g_: the adds merged into a convolution
   int ctx_height_ = 0, ctx_width_ = 0;
 
   // The captured step and what it was captured with; invalid when a buffer it uses moved.

@@ -102,6 +102,46 @@ MemoryPlan plan_memory(const Graph& g, const TimeFolding& f, int batch, std::siz
   return plan;
 }
 
+FusedGraph fuse_conv_adds(const Graph& g) {
+  const TimeFolding fold = fold_time_only(g);
+  std::vector<int> readers(g.values.size(), 0);
+  for (const Node& n : g.nodes)
+    for (int v : n.inputs) ++readers[v];
+  FusedGraph out;
+  out.graph = g;
+  Graph& fg = out.graph;
+  std::vector<char> drop(g.nodes.size(), 0);
+  std::vector<ConvFusion> fusion(g.nodes.size());
+  for (std::size_t p = 0; p + 1 < fold.step_nodes.size(); ++p) {
+    const int ci = fold.step_nodes[p], ai = fold.step_nodes[p + 1];
+    Node& conv = fg.nodes[ci];
+    const Node& add = g.nodes[ai];
+    if (conv.op != Op::Conv2d || add.op != Op::Add || add.divisor != 1.0 || readers[conv.output] != 1 || conv.output == g.output)
+      continue;
+    const int other = add.inputs[0] == conv.output ? add.inputs[1] : add.inputs[1] == conv.output ? add.inputs[0] : -1;
+    if (other < 0 || other == conv.output) continue;
+    const Value& ov = g.values[other];
+    const Value& cv = g.values[conv.output];
+    if (ov.kind == Kind::Vector && fold.time_only[other] && ov.c == cv.c) fusion[ci].temb = other;
+    else if (ov.kind == Kind::Spatial && ov.c == cv.c && ov.h == cv.h && ov.w == cv.w) fusion[ci].residual = other;
+    else continue;
+    conv.inputs.push_back(other);
+    conv.output = add.output;
+    drop[ai] = 1;
+    ++out.fused_adds;
+  }
+  std::vector<Node> kept;
+  for (std::size_t i = 0; i < fg.nodes.size(); ++i) {
+    if (drop[i]) continue;
+    out.node_of.push_back(int(i));
+    out.fusion.push_back(fusion[i]);
+    kept.push_back(std::move(fg.nodes[i]));
+  }
+  fg.nodes = std::move(kept);
+  for (std::size_t i = 0; i < fg.nodes.size(); ++i) fg.values[fg.nodes[i].output].producer = int(i);
+  return out;
+}
+
 double forward_flops(const Graph& g, const TimeFolding& f, int batch) {
   double total = 0;
   for (int i : f.step_nodes) {

@@ -35,6 +35,25 @@ struct MemoryPlan {
 MemoryPlan plan_memory(const Graph& g, const TimeFolding& folding, int batch, std::size_t element_bytes,
                        std::size_t alignment = 256, const std::vector<int>& keep_alive = {});
 
+// Convolution epilogue fusion, for backends whose convolution can add a per-channel vector and
+// a same-shape tensor to its output (the CUDA backend through cuDNN). A conv2d is merged with the
+// add that immediately follows it in step order when that add has divisor 1, reads the conv's
+// output, and nothing else does: the resnet's time-embedding add (the other input is a time-only
+// vector: `temb`) and its residual add (a spatial value of the conv's output shape: `residual`).
+// The fused conv gets the other input appended to its inputs and writes the add's output value;
+// the add disappears. Run before the memory plan, so liveness sees every read. The fused graph
+// keeps the original's values; node_of maps each fused node to its node in the original graph.
+struct ConvFusion {
+  int temb = -1, residual = -1;  // value indices (-1: none)
+};
+struct FusedGraph {
+  Graph graph;
+  std::vector<int> node_of;        // per fused node: the original node index
+  std::vector<ConvFusion> fusion;  // per fused node
+  int fused_adds = 0;
+};
+FusedGraph fuse_conv_adds(const Graph& g);
+
 // Floating-point operations of one per-step forward of `batch` samples (time-only nodes excluded):
 // 2 per multiply-add of convolutions (unpadded channel counts), linear layers and attention
 // (q/k/v/out projections, q k^T and the weighted sum of v); elementwise work is not counted.

@@ -1,10 +1,12 @@
 // Graph IR: parsing errors, shape inference, time-only folding, the memory plan.
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "cpu/cpu_backend.hpp"
+#include "cpu/ops.hpp"
 #include "ddim/ddim.hpp"
 #include "graph/ir.hpp"
 #include "graph/passes.hpp"
@@ -249,6 +251,72 @@ TEST_CASE("memory plan: the planned arena is smaller than one buffer per value, 
       overlaps += time_overlap && mem_overlap;
     }
   CHECK(overlaps == 0);
+}
+
+TEST_CASE("conv epilogue fusion: the fused graph run on the CPU equals the unfused forward bitwise") {
+  // The CUDA backend's conv + add fusion (graph::fuse_conv_adds), checked where it can run: the
+  // fused graph executed with the CPU ops (conv, then its epilogue adds in place) under the fused
+  // graph's own memory plan, against the CPU backend's forward. A wrong rewrite, a missed read in
+  // the liveness plan (an epilogue input overwritten early) or an aliased output shows here.
+  graph::UNetConfig c = test::tiny_unet();
+  c.block_out_channels = {16, 32, 32};
+  c.down_attention = {false, true, false};
+  c.layers_per_block = 2;
+  auto model = Model::load_from_memory(graph::make_random_model_file(c, ScheduleConfig{}, 5), "fusion");
+  const int n = 2, H = c.sample_height, W = c.sample_width;
+  graph::Graph g0 = model->impl().graph;
+  graph::infer_shapes(g0, H, W);
+  const graph::FusedGraph fused = graph::fuse_conv_adds(g0);
+  const graph::Graph& g = fused.graph;
+  int temb = 0, residual = 0;
+  for (const auto& f : fused.fusion) temb += f.temb >= 0, residual += f.residual >= 0;
+  MESSAGE("fused adds: " << temb << " time-embedding, " << residual << " residual, of " << g0.nodes.size() << " nodes");
+  CHECK(fused.fused_adds == temb + residual);
+  CHECK(g.nodes.size() == g0.nodes.size() - std::size_t(fused.fused_adds));
+  CHECK(temb == 3 * 2 + 1 * 2 + 3 * 3);  // every resnet's conv1 (down 3x2, mid 2, up 3x3)
+  CHECK(residual > 0);
+
+  const graph::TimeFolding fold = graph::fold_time_only(g);
+  const graph::MemoryPlan mem = graph::plan_memory(g, fold, n, sizeof(float), 256, {g.sample});
+  const std::vector<cpu::NodeWeights> all = cpu::resolve_node_weights(model->impl().graph, model->impl());
+  std::vector<cpu::NodeWeights> weights;
+  for (int i : fused.node_of) weights.push_back(all[std::size_t(i)]);
+  const std::vector<int> t{700, 12};
+  const std::vector<int> distinct{12, 700};
+  const auto tables = cpu::evaluate_time_tables(g, fold, weights, distinct);
+
+  std::vector<float> arena(mem.arena_bytes / sizeof(float), std::nanf(""));
+  auto at = [&](int v) {
+    REQUIRE(mem.offset[v] != graph::MemoryPlan::kNone);
+    return arena.data() + mem.offset[v] / sizeof(float);
+  };
+  std::vector<float> x(std::size_t(n) * 3 * H * W);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(std::cos(0.11 * double(i)));
+  std::copy(x.begin(), x.end(), at(g.sample));
+  for (int v : fold.tables) {
+    const std::size_t ch = std::size_t(g.values[v].c);
+    for (int b = 0; b < n; ++b)
+      std::copy_n(tables[v].data() + (t[std::size_t(b)] == 12 ? 0 : 1) * ch, ch, at(v) + std::size_t(b) * ch);
+  }
+  std::vector<float> scratch(1 << 22);
+  for (int i : fold.step_nodes) {
+    const graph::Node& node = g.nodes[i];
+    const graph::ConvFusion& f = fused.fusion[std::size_t(i)];
+    std::vector<const float*> in;
+    for (int v : node.inputs) in.push_back(at(v));
+    float* y = at(node.output);
+    for (int v : node.inputs)  // the plan never lets an output share bytes with an input
+      CHECK_MESSAGE((mem.offset[v] + std::size_t(g.values[v].elements()) * n * 4 <= mem.offset[node.output] ||
+                     mem.offset[node.output] + std::size_t(g.values[node.output].elements()) * n * 4 <= mem.offset[v]),
+                    node.name);
+    cpu::run_node(g, node, weights[std::size_t(i)], n, in, y, scratch.data(), nullptr);
+    const graph::Value& yv = g.values[node.output];
+    if (f.temb >= 0) cpu::add_broadcast(y, at(f.temb), n, yv.c, yv.h * yv.w, 1.f, y);
+    if (f.residual >= 0) cpu::add(y, at(f.residual), std::size_t(n) * std::size_t(yv.elements()), 1.f, y);
+  }
+  const std::vector<float> fused_out(at(g.output), at(g.output) + x.size());
+  const std::vector<float> ref = test::cpu_session(model, n)->forward(x, t);
+  CHECK(std::memcmp(fused_out.data(), ref.data(), ref.size() * sizeof(float)) == 0);
 }
 
 TEST_CASE("graph: a hostile graph cannot grow values past the size limits") {
