@@ -31,6 +31,7 @@ struct SampleJob {
   double dynamic_thresholding_ratio = 0.995;  // used by steps with clip == kClipThreshold
   double sample_max_value = 1.0;
   bool want_trajectory = false, want_x0 = false;
+  bool output_on_device = false;              // CUDA: SampleResult::device_images instead of images
   ProgressCallback progress;
 };
 

@@ -252,6 +252,7 @@ SampleResult Session::sample(const SampleOptions& o) {
   job.want_trajectory = o.want_trajectory;
   job.want_x0 = o.want_x0;
   job.progress = o.progress;
+  job.output_on_device = o.output_on_device;
   SampleResult r = impl_->run(job);
   r.warning = plan.warning;
   return r;

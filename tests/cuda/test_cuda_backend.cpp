@@ -239,6 +239,20 @@ TEST_SUITE("gpu") {
     CHECK(bitwise_equal(gpu->sample(o).images, got.images));
   }
 
+  TEST_CASE("cuda: output_on_device leaves the same images in device memory") {
+    auto gpu = cuda_session(test::tiny_model(), 2);
+    SampleOptions o;
+    o.steps = 4;
+    const auto host = gpu->sample(o);
+    o.output_on_device = true;
+    const auto dev = gpu->sample(o);
+    CHECK(dev.images.empty());
+    REQUIRE(dev.device_images != nullptr);
+    std::vector<float> copy(host.images.size());
+    GPU_CHECK(cudaMemcpy(copy.data(), dev.device_images, copy.size() * 4, cudaMemcpyDeviceToHost));
+    CHECK(bitwise_equal(copy, host.images));
+  }
+
   TEST_CASE("cuda: a plan that cannot fit in device memory is a clean OutOfMemory error") {
     SessionOptions o;
     o.backend = BackendKind::Cuda;

@@ -31,6 +31,7 @@ constexpr OptionSpec kOptions[] = {
     {"--spacing", "NAME", "", "leading|trailing|linspace|uniform|quadratic|log (default: the model's)"},
     {"--timesteps", "LIST", "", "custom timesteps, strictly decreasing, e.g. 999,750,500,250,0"},
     {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
+    {"--autotune", "", "", "CUDA: time cuDNN's engines for every convolution at plan time and keep the fastest"},
     {"--profile", "", "", "CUDA: run each step eagerly with one NVTX range per graph node (for Nsight; slower)"},
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
     {"--height", "H", "", "sample height (default: the model's)"},
@@ -78,6 +79,7 @@ int run_sample(const ParsedArgs& args) {
 
   SessionOptions session_options = session_options_from(args);
   session_options.profile = args.flag("--profile");
+  session_options.autotune = args.flag("--autotune");
   if (args.get("--height")) session_options.height = args.integer("--height", 1, 1 << 16);
   if (args.get("--width")) session_options.width = args.integer("--width", 1, 1 << 16);
 

@@ -44,6 +44,9 @@ struct SessionOptions {
   // CUDA: run every step eagerly (no CUDA graph) with one NVTX range per graph node, for
   // profiling with Nsight Systems / Compute (ranges inside a captured graph do not replay).
   bool profile = false;
+  // CUDA: time every usable cuDNN engine for each convolution at plan time and keep the fastest
+  // (the choice is then fixed for the session); default: cuDNN's heuristics.
+  bool autotune = false;
 };
 
 // Called after every step with (steps done, steps total); return false to cancel (the call then
@@ -65,6 +68,9 @@ struct SampleOptions {
   bool want_trajectory = false;          // x_t after each step, x_T first: (S+1, N, C, H, W)
   bool want_x0 = false;                  // the x0 prediction of each step: (S, N, C, H, W)
   ProgressCallback progress;
+  // CUDA sessions: leave the final images on the device (SampleResult::device_images) instead of
+  // copying them to the host, for callers who keep working on the GPU. Ignored on the CPU.
+  bool output_on_device = false;
 };
 
 struct SampleResult {
@@ -74,6 +80,10 @@ struct SampleResult {
   std::vector<float> images;      // (N, C, H, W), the raw final sample (not clamped)
   std::vector<float> trajectory;  // when asked
   std::vector<float> x0;          // when asked
+  // With SampleOptions::output_on_device on a CUDA session: the final images, (N, C, H, W) fp32
+  // in device memory owned by the session, valid until its next call; `images` is then empty.
+  // The data is complete when sample() returns (the session's stream has been synchronised).
+  const float* device_images = nullptr;
 };
 
 struct PlanInfo {
