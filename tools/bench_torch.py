@@ -40,16 +40,20 @@ class ProcessMemory:
             self.nvml = ctypes.CDLL("libnvidia-ml.so.1")
             if self.nvml.nvmlInit_v2() != 0:
                 return
-            bus = torch.cuda.get_device_properties(device_index).pci_bus_id if hasattr(
-                torch.cuda.get_device_properties(device_index), "pci_bus_id") else None
+            # torch's pci_bus_id / pci_device_id / pci_domain_id are the integers of cudaDeviceProp
+            # (pciBusID, ...), not NVML's bus-id string: build "domain:bus:device.0" from them.
+            props = torch.cuda.get_device_properties(device_index)
+            bus = None
+            if all(hasattr(props, a) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
+                bus = f"{int(props.pci_domain_id):08x}:{int(props.pci_bus_id):02x}:{int(props.pci_device_id):02x}.0"
             self.handle = ctypes.c_void_p()
             if bus:
                 rc = self.nvml.nvmlDeviceGetHandleByPciBusId_v2(bus.encode(), ctypes.byref(self.handle))
             else:
                 rc = self.nvml.nvmlDeviceGetHandleByIndex_v2(device_index, ctypes.byref(self.handle))
             self.ok = rc == 0
-        except OSError:
-            pass
+        except (OSError, AttributeError, TypeError, ValueError):  # no NVML: peak_mib 0, "nvml": false
+            self.ok = False
 
     def now(self) -> int:
         if not self.ok:

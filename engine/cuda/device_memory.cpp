@@ -131,8 +131,10 @@ std::shared_ptr<DeviceWeights> upload(const Model& model, int device, DType t) {
         if (p[cpu::kBias]) off[i].bias = st.f32(p[cpu::kBias], std::size_t(n.out_features));
         break;
       case Op::GroupNorm:
-        off[i].gamma = st.f32(p[cpu::kWeight], std::size_t(x.c));
-        off[i].beta = st.f32(p[cpu::kBias], std::size_t(x.c));
+        // Both are optional in the IR (ir.cpp: no required params). An absent gamma must stay a
+        // null pointer (the kernel then uses 1, like the CPU); st.f32(nullptr) would upload zeros.
+        if (p[cpu::kWeight]) off[i].gamma = st.f32(p[cpu::kWeight], std::size_t(x.c));
+        if (p[cpu::kBias]) off[i].beta = st.f32(p[cpu::kBias], std::size_t(x.c));
         break;
       case Op::Attention: {
         const std::size_t d = std::size_t(n.inner_dim ? n.inner_dim : x.c), c = std::size_t(x.c);
@@ -157,6 +159,11 @@ std::shared_ptr<DeviceWeights> upload(const Model& model, int device, DType t) {
   dw->dtype = t;
   dw->storage = DeviceBuffer(st.bytes().size(), "the model weights (" + std::string(to_string(t)) + ")");
   DDIM_CUDA_CHECK(cudaMemcpy(dw->storage.get(), st.bytes().data(), st.bytes().size(), cudaMemcpyHostToDevice));
+  // cudaMemcpy from pageable memory may return before the DMA has landed (CUDA's "API
+  // synchronization behavior"), and it runs on the legacy default stream, which does not order
+  // the executors' cudaStreamNonBlocking streams: wait here so that no session reads the weights
+  // early.
+  DDIM_CUDA_CHECK(cudaDeviceSynchronize());
   const auto at = [&](std::size_t o) -> void* {
     return o == kNone ? nullptr : static_cast<unsigned char*>(dw->storage.get()) + o;
   };

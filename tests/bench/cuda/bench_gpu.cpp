@@ -12,6 +12,7 @@
 //                          the reference for the effective FLOP rate
 // Numbers only: nothing is asserted.
 #include <cublas_v2.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 #include <unistd.h>
@@ -20,6 +21,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -107,8 +109,18 @@ double gemm_fp16_tflops() {
   void *a = nullptr, *b = nullptr, *c = nullptr;
   if (cudaMalloc(&a, std::size_t(n) * n * 2) || cudaMalloc(&b, std::size_t(n) * n * 2) || cudaMalloc(&c, std::size_t(n) * n * 2))
     return 0;
-  cudaMemset(a, 0, std::size_t(n) * n * 2);
-  cudaMemset(b, 0, std::size_t(n) * n * 2);
+  {
+    // Random operands in [-1, 1): zeros would toggle fewer bits, draw less power and overstate
+    // the sustained rate.
+    std::vector<__half> host(std::size_t(n) * n);
+    std::uint32_t state = 12345;
+    for (auto& h : host) {
+      state = state * 1664525u + 1013904223u;
+      h = __float2half_rn(float(state >> 8) * 0x1p-23f - 1.f);
+    }
+    cudaMemcpy(a, host.data(), host.size() * 2, cudaMemcpyHostToDevice);
+    cudaMemcpy(b, host.data(), host.size() * 2, cudaMemcpyHostToDevice);
+  }
   cublasHandle_t h;
   cublasCreate(&h);
   const float alpha = 1, beta = 0;
