@@ -31,7 +31,8 @@ __global__ void ddim_step_kernel(StepLaunch s) {
   const std::size_t per = std::size_t(s.c) * std::size_t(s.hw), total = std::size_t(s.n) * per;
   for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < total; i += std::size_t(gridDim.x) * blockDim.x) {
     const float x = s.x[i], o = to_f32(out[i]);
-    const float x0 = ddim_clip_x0(ddim_pred_x0(x, o, p), p, 1.f);
+    const float threshold = s.thresholds ? s.thresholds[i / per] : 1.f;
+    const float x0 = ddim_clip_x0(ddim_pred_x0(x, o, p), p, threshold);
     float z = 0.f;
     if (p.sigma > 0.f) {
       const std::size_t b = i / per, r = i % per;
@@ -45,6 +46,15 @@ __global__ void ddim_step_kernel(StepLaunch s) {
     if (s.trajectory) s.trajectory[std::size_t(step + 1) * total + i] = prev;
     if (next) next[i] = from_f32<T>(prev);
   }
+}
+
+template <class T>
+__global__ void pred_x0_kernel(StepLaunch s, float* __restrict__ x0) {
+  const DdimStepParams p = s.params[*s.step_index];
+  const T* __restrict__ out = static_cast<const T*>(s.out);
+  const std::size_t total = std::size_t(s.n) * std::size_t(s.c) * std::size_t(s.hw);
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < total; i += std::size_t(gridDim.x) * blockDim.x)
+    x0[i] = ddim_pred_x0(s.x[i], to_f32(out[i]), p);
 }
 
 __global__ void advance_step_kernel(int* step_index) { *step_index += 1; }
@@ -85,6 +95,16 @@ void ddim_step(const StepLaunch& s, DType t, cudaStream_t stream) {
     ddim_step_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream>>>(s);
   });
   check_launch("ddim_step");
+}
+
+void ddim_pred_x0_all(const StepLaunch& s, DType t, float* x0, cudaStream_t stream) {
+  const std::size_t total = std::size_t(s.n) * std::size_t(s.c) * std::size_t(s.hw);
+  if (total == 0) return;
+  dispatch_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    pred_x0_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream>>>(s, x0);
+  });
+  check_launch("ddim_pred_x0_all");
 }
 
 void advance_step(int* step_index, cudaStream_t stream) {

@@ -8,6 +8,7 @@
 #include "cpu/cpu_backend.hpp"
 #include "cuda/check.hpp"
 #include "cuda/cudnn_conv.hpp"
+#include "cuda/threshold.hpp"
 
 namespace ddim::cuda {
 
@@ -70,7 +71,10 @@ void CudaExecutor::init(const ExecutorContext& ctx) {
   weights_ = device_weights(model_, device_, dtype_);
   build_program();
   // One eager forward at plan time: loads every kernel and library engine before any capture,
-  // and reports a failing configuration here rather than in the first sample.
+  // and reports a failing configuration here rather than in the first sample. Its inputs (the
+  // sample and table slots) are not written yet: zero the arena first, so that the warm-up reads
+  // no uninitialised memory (compute-sanitizer initcheck) and computes on no NaN garbage.
+  DDIM_CUDA_CHECK(cudaMemsetAsync(arena_.get(), 0, arena_.bytes(), stream_));
   run_forward_ops(stream_);
   DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
@@ -371,10 +375,8 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
     if (ov.c != sv.c || ov.h != sv.h || ov.w != sv.w)
       throw Error(ErrorCode::Unsupported, "sampling needs a model whose output has the sample's shape (learned variance "
                                           "outputs are not supported)");
-    for (const DdimStepParams& p : job.steps)
-      if (p.clip == kClipThreshold)
-        throw Error(ErrorCode::Unsupported, "dynamic thresholding is not implemented on the CUDA backend yet; use the CPU "
-                                            "backend (--device cpu) for this model or turn thresholding off");
+    const bool thresholding =
+        std::any_of(job.steps.begin(), job.steps.end(), [](const DdimStepParams& p) { return p.clip == kClipThreshold; });
     const std::size_t S = job.steps.size(), E = std::size_t(sv.elements()), NE = std::size_t(n) * E;
     const int c = sv.c, hw = sv.h * sv.w;
     NvtxRange range("ddim.sample");
@@ -416,18 +418,37 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
     if (trajectory) DDIM_CUDA_CHECK(cudaMemcpyAsync(trajectory, x_.get(), NE * 4, cudaMemcpyDeviceToDevice, stream_));
     DDIM_CUDA_CHECK(cudaMemsetAsync(step_index_.get(), 0, sizeof(int), stream_));
 
+    // Dynamic thresholding: the unclipped x0 of the step, its per-sample quantile bound, then the
+    // step (every step of the job, the bound used only by steps whose clip asks for it).
+    std::size_t threshold_scratch = 0;
+    if (thresholding) {
+      threshold_scratch = dynamic_threshold_scratch_bytes(n, E);
+      const std::size_t bytes = NE * 4 + 256 + std::size_t(n) * 4 + 256 + threshold_scratch;
+      if (threshold_buffer_.reserve(bytes, "the dynamic-thresholding buffers")) step_graph_valid_ = false;
+    }
+    auto* tb = threshold_buffer_.as<unsigned char>();
+    float* x0_unclipped = thresholding ? reinterpret_cast<float*>(tb) : nullptr;
+    float* bounds = thresholding ? reinterpret_cast<float*>(tb + (NE * 4 + 255) / 256 * 256) : nullptr;
+    void* scratch = thresholding ? tb + (NE * 4 + 255) / 256 * 256 + (std::size_t(n) * 4 + 255) / 256 * 256 : nullptr;
     StepLaunch launch{n, c, hw, params_.as<DdimStepParams>(), step_index_.as<int>(), seeds_.as<std::uint64_t>(), noise,
-                      x_.as<float>(), value_ptr(g_.output), x0_all, trajectory, value_ptr(g_.sample)};
+                      x_.as<float>(), value_ptr(g_.output), x0_all, trajectory, value_ptr(g_.sample), bounds};
     const auto enqueue_step = [&](cudaStream_t st) {
       for (int v : fold_.tables) gather_rows(tables_[v].get(), step_index_.as<int>(), value_ptr(v), dtype_, n, g_.values[v].c, st);
       run_forward_ops(st);
+      if (thresholding) {
+        ddim_pred_x0_all(launch, dtype_, x0_unclipped, st);
+        dynamic_thresholds(x0_unclipped, n, E, job.dynamic_thresholding_ratio, job.sample_max_value, bounds, scratch,
+                           threshold_scratch, st);
+      }
       ddim_step(launch, dtype_, st);
       advance_step(step_index_.as<int>(), st);
     };
     // The step graph is captured once and replayed; recaptured only when a buffer it uses moved
     // or the optional outputs changed.
-    const std::vector<const void*> key{noise, x0_all, trajectory};
-    if (!options_.profile && (!step_graph_ || !step_graph_valid_ || key != captured_with_)) {
+    const std::vector<const void*> key{noise, x0_all, trajectory, bounds};
+    const std::pair<double, double> threshold_key{job.dynamic_thresholding_ratio, job.sample_max_value};
+    if (thresholding && threshold_key != captured_threshold_) step_graph_valid_ = false;
+    const auto capture = [&] {
       if (step_graph_) {
         DDIM_CUDA_CHECK(cudaGraphExecDestroy(step_graph_));
         step_graph_ = nullptr;
@@ -439,15 +460,35 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
       } catch (...) {
         (void)cudaStreamEndCapture(stream_, &graph);  // abandon the capture, keep the first error
         if (graph) (void)cudaGraphDestroy(graph);
+        // EndCapture of an invalidated capture leaves its error as the thread's last error, which
+        // the next check_launch (cudaGetLastError) would report as a failure of an unrelated kernel.
+        (void)cudaGetLastError();
         throw;
       }
       DDIM_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-      const cudaError_t inst = cudaGraphInstantiate(&step_graph_, graph, 0);
+      // Instantiate into a local: on failure the output handle is unspecified, and step_graph_
+      // must stay null (it is destroyed and launched when non-null).
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
       (void)cudaGraphDestroy(graph);
       DDIM_CUDA_CHECK(inst);
+      step_graph_ = exec;
       captured_with_ = key;
+      captured_threshold_ = threshold_key;
       step_graph_valid_ = true;
+    };
+    if (!options_.profile && graph_failure_.empty() && (!step_graph_ || !step_graph_valid_ || key != captured_with_)) {
+      try {
+        capture();
+      } catch (const Error& e) {
+        // A library call that cannot be captured (e.g. a cuDNN engine) must not make the session
+        // unusable: its steps then run eagerly, exactly the same launches without the graph.
+        if (e.code() == ErrorCode::DeviceLost || e.code() == ErrorCode::OutOfMemory) throw;
+        graph_failure_ = e.what();
+        info_.warnings.push_back("the sampling steps run eagerly: capturing them as a CUDA graph failed: " + graph_failure_);
+      }
     }
+    const bool eager = options_.profile || !graph_failure_.empty();
 
     // The loop: no host synchronisation, allocation or copy between steps. With a progress
     // callback one event per step is recorded and the host waits on the previous step's event
@@ -472,7 +513,7 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
     for (std::size_t s = 0; s < S; ++s) {
       {
         NvtxRange step_range("ddim.step");
-        if (options_.profile) enqueue_step(stream_);
+        if (eager) enqueue_step(stream_);
         else DDIM_CUDA_CHECK(cudaGraphLaunch(step_graph_, stream_));
       }
       if (job.progress) {

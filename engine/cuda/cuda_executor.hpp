@@ -15,6 +15,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend.hpp"
@@ -86,6 +87,9 @@ class CudaExecutor final : public Executor {
   cudaGraphExec_t step_graph_ = nullptr;
   bool step_graph_valid_ = false;
   std::vector<const void*> captured_with_;
+  std::pair<double, double> captured_threshold_{0, 0};  // (ratio, max value) in the captured graph
+  DeviceBuffer threshold_buffer_;  // unclipped x0, per-sample bounds, selection scratch
+  std::string graph_failure_;  // why capturing the step failed; the steps then run eagerly
 
   std::string lost_;  // non-empty after a sticky device error: every later call reports it
   PlanInfo info_;

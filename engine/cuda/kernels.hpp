@@ -97,7 +97,8 @@ void philox_initial(const std::uint64_t* seeds, int n, int c, int hw, float* x, 
 // (S + 1, n, hw, c) the new x in slice *step_index + 1; next_input (n, hw, c) of type t receives
 // the new x rounded for the next forward. The arithmetic is kernels/ddim_step.h and
 // kernels/ddpm_step.h, the same functions the CPU runs. Dynamic thresholding (clip ==
-// kClipThreshold) needs a per-sample quantile and is rejected by the executor before launch.
+// kClipThreshold) divides by thresholds[b], the per-sample bound computed beforehand from
+// ddim_pred_x0_all's output (cuda/threshold.hpp); thresholds may be null for steps without it.
 struct StepLaunch {
   int n, c, hw;
   const DdimStepParams* params;  // device array, one per step
@@ -109,8 +110,12 @@ struct StepLaunch {
   float* x0_all;                 // optional (S, n, hw, c) fp32
   float* trajectory;             // optional (S + 1, n, hw, c) fp32
   void* next_input;              // optional (n, hw, c) of type t
+  const float* thresholds;       // optional (n): dynamic-thresholding bounds of this step
 };
 void ddim_step(const StepLaunch& s, DType t, cudaStream_t stream);
+// x0 (n, hw, c) fp32 = the unclipped x0 prediction of this step (params[*step_index]), the input
+// of the dynamic-thresholding quantile.
+void ddim_pred_x0_all(const StepLaunch& s, DType t, float* x0, cudaStream_t stream);
 // *step_index += 1 (one thread, so that a graph replay advances the step on the device).
 void advance_step(int* step_index, cudaStream_t stream);
 // y (rows, cols) of type t = (y + bias[col]) / divisor; bias fp32 (may be null: divide only).

@@ -56,7 +56,7 @@ struct Session::Impl {
   SessionOptions options;
   BackendKind backend = BackendKind::Cpu;
   std::unique_ptr<Executor> executor;
-  PlanInfo info;          // the executor's, plus the fallback reason
+  mutable PlanInfo info;  // the executor's, plus the fallback reason
   std::string fallback;
   int height = 0, width = 0;
 
@@ -321,7 +321,13 @@ InvertResult Session::invert(std::span<const float> x0, const InvertOptions& o) 
   return out;
 }
 
-const PlanInfo& Session::plan_info() const noexcept { return impl_->info; }
+const PlanInfo& Session::plan_info() const noexcept {
+  // Refreshed: an executor may learn more after planning (PlanInfo::warnings).
+  const std::size_t known = impl_->info.warnings.size();
+  const std::vector<std::string>& now = impl_->executor->plan_info().warnings;
+  if (now.size() != known) impl_->info.warnings = now;
+  return impl_->info;
+}
 const Model& Session::model() const noexcept { return *impl_->model; }
 BackendKind Session::backend() const noexcept { return impl_->backend; }
 

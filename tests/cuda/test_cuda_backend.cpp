@@ -94,7 +94,7 @@ TEST_SUITE("gpu") {
       d_out.upload(g::nchw_to_nhwc(out, n, c, hw).data());
       cuda::StepLaunch s{n, c, hw, static_cast<const DdimStepParams*>(d_params.data()), static_cast<const int*>(d_index.data()),
                          static_cast<const std::uint64_t*>(d_seeds.data()), nullptr, static_cast<float*>(d_x.data()),
-                         d_out.data(), static_cast<float*>(d_x0.data()), nullptr, nullptr};
+                         d_out.data(), static_cast<float*>(d_x0.data()), nullptr, nullptr, nullptr};
       cuda::ddim_step(s, cuda::DType::F32, nullptr);
       g::sync();
       std::vector<float> got(NE), x0_all(3 * NE);
@@ -164,6 +164,9 @@ TEST_SUITE("gpu") {
       o.eta = 0.5;  // per-step noise on the device too
       o.seed = 9;
       const auto a = graphed->sample(o), b = graphed->sample(o), c = eager->sample(o);
+      // The graphed session really replayed a graph (no capture failure fell back to eager).
+      for (const auto& w : graphed->plan_info().warnings) MESSAGE(w);
+      CHECK(graphed->plan_info().warnings.empty());
       CHECK(bitwise_equal(a.images, b.images));
       CHECK(bitwise_equal(a.images, c.images));
       CHECK(std::all_of(a.images.begin(), a.images.end(), [](float v) { return std::isfinite(v); }));
@@ -237,6 +240,25 @@ TEST_SUITE("gpu") {
     // The session still works after a cancellation.
     o.progress = {};
     CHECK(bitwise_equal(gpu->sample(o).images, got.images));
+  }
+
+  TEST_CASE("cuda: dynamic thresholding on the GPU matches the CPU") {
+    // The bound of each sample is a quantile of |x0| (cuda/threshold.hpp, bitwise the host's on
+    // the same x0); the x0 themselves differ by the forward's rounding, so: within 1e-3.
+    ScheduleConfig schedule;
+    schedule.thresholding = true;
+    schedule.dynamic_thresholding_ratio = 0.9;
+    schedule.sample_max_value = 1.5;
+    auto model = test::tiny_model(4, schedule);
+    SampleOptions o;
+    o.steps = 10;
+    o.seed = 8;
+    const auto ref = test::cpu_session(model, 2)->sample(o);
+    const auto got = cuda_session(model, 2)->sample(o);
+    const auto d = g::compare(got.images, ref.images);
+    MESSAGE("thresholded 10-step sample, GPU fp32 vs CPU: max abs diff " << d.max_abs);
+    CHECK(d.non_finite == 0);
+    CHECK(d.max_abs <= 1e-3);
   }
 
   TEST_CASE("cuda: output_on_device leaves the same images in device memory") {

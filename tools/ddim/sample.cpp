@@ -201,6 +201,7 @@ int run_sample(const ParsedArgs& args) {
   const SampleResult result = ddpm ? session->sample_ddpm(ddpm_options) : session->sample(options);
   const double seconds = seconds_since(start);
   if (!result.warning.empty()) std::cerr << "ddim: warning: " << result.warning << "\n";
+  for (const std::string& w : session->plan_info().warnings) std::cerr << "ddim: warning: " << w << "\n";
 
   const std::int64_t S = static_cast<std::int64_t>(result.timesteps.size());
   const std::int64_t n = result.n, c = result.c, h = result.h, w = result.w;

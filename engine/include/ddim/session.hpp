@@ -96,6 +96,8 @@ struct PlanInfo {
   std::size_t unplanned_bytes = 0;        // sum of all activation buffers without the plan
   std::size_t weight_bytes = 0;
   double forward_flops = 0;               // one forward of the batch (graph/passes.hpp: forward_flops)
+  std::vector<std::string> warnings;      // e.g. the CUDA graph capture failed and the steps run
+                                          // eagerly (known after the first sample)
   std::string fallback;                   // BackendKind::Auto on the CPU although a CUDA device
                                           // exists: why the CUDA backend could not be used
 };
