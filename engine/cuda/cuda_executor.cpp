@@ -448,6 +448,9 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
     const std::vector<const void*> key{noise, x0_all, trajectory, bounds};
     const std::pair<double, double> threshold_key{job.dynamic_thresholding_ratio, job.sample_max_value};
     if (thresholding && threshold_key != captured_threshold_) step_graph_valid_ = false;
+    // Whole-loop graph (SessionOptions::whole_loop_graph, without a progress callback): all S
+    // steps captured into one graph, one launch per sample call; else one step, replayed S times.
+    const std::size_t repeats = options_.whole_loop_graph && !job.progress && S > 0 ? S : 1;
     const auto capture = [&] {
       if (step_graph_) {
         DDIM_CUDA_CHECK(cudaGraphExecDestroy(step_graph_));
@@ -456,7 +459,7 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
       cudaGraph_t graph = nullptr;
       DDIM_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
       try {
-        enqueue_step(stream_);
+        for (std::size_t r = 0; r < repeats; ++r) enqueue_step(stream_);
       } catch (...) {
         (void)cudaStreamEndCapture(stream_, &graph);  // abandon the capture, keep the first error
         if (graph) (void)cudaGraphDestroy(graph);
@@ -475,9 +478,11 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
       step_graph_ = exec;
       captured_with_ = key;
       captured_threshold_ = threshold_key;
+      captured_repeats_ = repeats;
       step_graph_valid_ = true;
     };
-    if (!options_.profile && graph_failure_.empty() && (!step_graph_ || !step_graph_valid_ || key != captured_with_)) {
+    if (!options_.profile && graph_failure_.empty() &&
+        (!step_graph_ || !step_graph_valid_ || key != captured_with_ || repeats != captured_repeats_)) {
       try {
         capture();
       } catch (const Error& e) {
@@ -510,7 +515,11 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
         throw Error(ErrorCode::Cancelled, "sampling cancelled by the progress callback after step " + std::to_string(finished));
       }
     };
-    for (std::size_t s = 0; s < S; ++s) {
+    if (!eager && repeats > 1) {
+      NvtxRange loop_range("ddim.loop");
+      DDIM_CUDA_CHECK(cudaGraphLaunch(step_graph_, stream_));
+    }
+    for (std::size_t s = 0; s < S && (eager || repeats == 1); ++s) {
       {
         NvtxRange step_range("ddim.step");
         if (eager) enqueue_step(stream_);

@@ -89,6 +89,7 @@ class CudaExecutor final : public Executor {
   std::vector<const void*> captured_with_;
   std::pair<double, double> captured_threshold_{0, 0};  // (ratio, max value) in the captured graph
   DeviceBuffer threshold_buffer_;  // unclipped x0, per-sample bounds, selection scratch
+  std::size_t captured_repeats_ = 0;  // steps in the captured graph (1, or S for the whole loop)
   std::string graph_failure_;  // why capturing the step failed; the steps then run eagerly
 
   std::string lost_;  // non-empty after a sticky device error: every later call reports it

@@ -22,12 +22,13 @@ namespace g = ddim::test::gpu;
 namespace {
 
 std::unique_ptr<Session> cuda_session(std::shared_ptr<const Model> model, int batch, Precision p = Precision::FP32,
-                                      bool profile = false) {
+                                      bool profile = false, bool whole_loop = false) {
   SessionOptions o;
   o.backend = BackendKind::Cuda;
   o.batch = batch;
   o.precision = p;
   o.profile = profile;
+  o.whole_loop_graph = whole_loop;
   return Session::create(std::move(model), o);
 }
 
@@ -159,11 +160,16 @@ TEST_SUITE("gpu") {
       auto model = small_unet_model();
       auto graphed = cuda_session(model, 2, p);
       auto eager = cuda_session(model, 2, p, /*profile=*/true);
+      auto loop = cuda_session(model, 2, p, /*profile=*/false, /*whole_loop=*/true);
       SampleOptions o;
       o.steps = 20;
       o.eta = 0.5;  // per-step noise on the device too
       o.seed = 9;
       const auto a = graphed->sample(o), b = graphed->sample(o), c = eager->sample(o);
+      const auto d = loop->sample(o), e = loop->sample(o);
+      CHECK(bitwise_equal(a.images, d.images));
+      CHECK(bitwise_equal(d.images, e.images));
+      CHECK(loop->plan_info().warnings.empty());
       // The graphed session really replayed a graph (no capture failure fell back to eager).
       for (const auto& w : graphed->plan_info().warnings) MESSAGE(w);
       CHECK(graphed->plan_info().warnings.empty());

@@ -47,6 +47,10 @@ struct SessionOptions {
   // CUDA: time every usable cuDNN engine for each convolution at plan time and keep the fastest
   // (the choice is then fixed for the session); default: cuDNN's heuristics.
   bool autotune = false;
+  // CUDA: capture all the steps of a sample call as one graph (one launch per call; per-step NVTX
+  // ranges then become one range `ddim.loop`). Used when no progress callback is set; recaptured
+  // when the step count changes. Default: one step captured once and replayed per step.
+  bool whole_loop_graph = false;
 };
 
 // Called after every step with (steps done, steps total); return false to cancel (the call then

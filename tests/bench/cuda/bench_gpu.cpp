@@ -8,6 +8,8 @@
 //   peak_mib[batch]        peak device memory of this process during that configuration, from
 //                          NVML's per-process accounting (the same figure nvidia-smi shows), the
 //                          way tools/bench_torch.py measures PyTorch
+//   sample50_ms_batch1_whole_loop_graph
+//                          the same 50-step sample at batch 1 with all steps in one CUDA graph
 //   gemm_fp16_tflops       a dense 8192^3 fp16 GEMM with fp32 accumulation (cuBLAS), best of 10:
 //                          the reference for the effective FLOP rate
 // Numbers only: nothing is asserted.
@@ -212,6 +214,22 @@ int main(int argc, char** argv) {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
       peak[b] = watch.peak_mib();
     }
+    // The whole loop as one graph (SessionOptions::whole_loop_graph), batch 1.
+    double loop_ms = 0;
+    {
+      o.batch = 1;
+      o.whole_loop_graph = true;
+      auto s = ddim::Session::create(model, o);
+      s->sample(so);
+      std::vector<double> v;
+      for (int i = 0; i < runs; ++i) {
+        const auto s0 = Clock::now();
+        s->sample(so);
+        v.push_back(ms_since(s0));
+      }
+      loop_ms = median(v);
+      o.whole_loop_graph = false;
+    }
     const double gemm = gemm_fp16_tflops();
     cudaDeviceProp prop{};
     cudaGetDeviceProperties(&prop, 0);
@@ -222,7 +240,8 @@ int main(int argc, char** argv) {
                 argv[2], prop.name, driver, runtime);
     std::printf(" \"parameters\": %lld, \"forward_gflop_batch1\": %.3f, \"cold_start_ms\": %.1f, \"forward_ms\": %.3f,\n",
                 static_cast<long long>(model->info().parameter_count), flops1 / 1e9, cold, forward_ms);
-    std::printf(" \"gemm_fp16_tflops\": %.1f, \"nvml\": %s,\n", gemm, mem.available() ? "true" : "false");
+    std::printf(" \"gemm_fp16_tflops\": %.1f, \"nvml\": %s, \"sample50_ms_batch1_whole_loop_graph\": %.3f,\n", gemm,
+                mem.available() ? "true" : "false", loop_ms);
     std::printf(" \"runs\": [");
     bool first = true;
     for (int b : batches) {
