@@ -325,6 +325,20 @@ void CudaExecutor::upload_tables(std::span<const int> timesteps) {
 }
 
 void CudaExecutor::forward(std::span<const float> x, std::span<const int> t, std::span<float> out) {
+  forward_impl(x, t, out, nullptr);
+}
+
+void CudaExecutor::forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
+                                const Session::NodeOutputCallback& dump) {
+  forward_impl(x, t, out, &dump);
+}
+
+// With `dump`: the time tables the step reads (computed on the host, fp32), then every step
+// node's output as the device holds it (converted to fp32, NCHW), op by op with a synchronisation
+// after each. A convolution with a fused add reports under the add's name (its own output never
+// exists); the other time-only nodes are not reported.
+void CudaExecutor::forward_impl(std::span<const float> x, std::span<const int> t, std::span<float> out,
+                                const Session::NodeOutputCallback* dump) {
   guarded("forward", [&] {
     const int n = options_.batch;
     const graph::Value& sv = g_.values[g_.sample];
@@ -351,21 +365,38 @@ void CudaExecutor::forward(std::span<const float> x, std::span<const int> t, std
       DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_));
       convert_from_f32(staging_.as<float>(), value_ptr(v), dtype_, rows.size(), stream_);
       DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      if (dump) (*dump)(g_.values[v].name, {n, g_.values[v].c}, rows);
     }
     staging_.reserve(std::max(x.size(), out.size()) * 4, "the host-layout staging buffer");
     DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), x.data(), x.size() * 4, cudaMemcpyHostToDevice, stream_));
     nchw_f32_to_nhwc(staging_.as<float>(), value_ptr(g_.sample), dtype_, n, sv.c, sv.h * sv.w, stream_);
-    run_forward_ops(stream_);
+    if (!dump) {
+      run_forward_ops(stream_);
+    } else {
+      std::size_t largest = 0;
+      for (int i : fold_.step_nodes) largest = std::max(largest, std::size_t(g_.values[g_.nodes[i].output].elements()));
+      DeviceBuffer tmp(largest * std::size_t(n) * 4, "the dump buffer");
+      std::vector<float> host_values;
+      for (std::size_t k = 0; k < program_.size(); ++k) {
+        program_[k].run(stream_);
+        const graph::Value& v = g_.values[g_.nodes[fold_.step_nodes[k]].output];
+        const bool spatial = v.kind == Kind::Spatial;
+        const int hw = spatial ? v.h * v.w : 1;
+        nhwc_to_nchw_f32(value_ptr(g_.nodes[fold_.step_nodes[k]].output), tmp.as<float>(), dtype_, n, v.c, hw, stream_);
+        host_values.resize(std::size_t(n) * std::size_t(v.elements()));
+        DDIM_CUDA_CHECK(cudaMemcpyAsync(host_values.data(), tmp.get(), host_values.size() * 4, cudaMemcpyDeviceToHost, stream_));
+        DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        std::vector<std::int64_t> shape{n, v.c};
+        if (spatial) shape.insert(shape.end(), {v.h, v.w});
+        (*dump)(v.name, shape, host_values);
+      }
+    }
     nhwc_to_nchw_f32(value_ptr(g_.output), staging_.as<float>(), dtype_, n, ov.c, ov.h * ov.w, stream_);
     DDIM_CUDA_CHECK(cudaMemcpyAsync(out.data(), staging_.get(), out.size() * 4, cudaMemcpyDeviceToHost, stream_));
     DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
   });
 }
 
-void CudaExecutor::forward_dump(std::span<const float>, std::span<const int>, std::span<float>,
-                                const Session::NodeOutputCallback&) {
-  throw Error(ErrorCode::Unsupported, "per-node dumps run on the CPU backend (fp32 reference); use --device cpu");
-}
 
 void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
   guarded("sample", [&] {

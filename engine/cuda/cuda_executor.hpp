@@ -48,6 +48,8 @@ class CudaExecutor final : public Executor {
   };
   void init(const ExecutorContext& ctx);
   void release() noexcept;
+  void forward_impl(std::span<const float> x, std::span<const int> t, std::span<float> out,
+                    const Session::NodeOutputCallback* dump);
   void plan();
   void build_program();
   void run_forward_ops(cudaStream_t stream);  // the step program (eager), NVTX range per op in profile mode

@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "../cpp/test_util.hpp"
@@ -136,6 +138,43 @@ TEST_SUITE("gpu") {
       CHECK(d.non_finite == 0);
       CHECK(d.max_abs <= 1e-4 * max_abs(ref));
     }
+  }
+
+  TEST_CASE("cuda: per-node dumps on the GPU (fp32) follow the CPU's, node by node") {
+    // Localises a wrong kernel: the first node whose output leaves 1e-4 of its own largest
+    // magnitude is named. Fused convolutions report under their add's name (the conv's own
+    // output never exists on the GPU).
+    auto model = small_unet_model();
+    const int n = 2;
+    const std::size_t E = std::size_t(model->info().in_channels) * model->info().height * model->info().width;
+    const auto x = g::random_vector(n * E, 21, -1.f, 1.f);
+    const std::vector<int> t{640, 3};
+    std::map<std::string, std::vector<float>> cpu_values;
+    test::cpu_session(model, n)->forward(x, t, [&](const std::string& name, const std::vector<std::int64_t>&,
+                                                   std::span<const float> v) { cpu_values[name].assign(v.begin(), v.end()); });
+    int compared = 0;
+    std::string first_bad;
+    double worst = 0;
+    auto gpu = cuda_session(model, n);
+    const auto out = gpu->forward(x, t, [&](const std::string& name, const std::vector<std::int64_t>& shape,
+                                            std::span<const float> v) {
+      const auto it = cpu_values.find(name);
+      REQUIRE_MESSAGE(it != cpu_values.end(), name);
+      REQUIRE(it->second.size() == v.size());
+      std::int64_t count = 1;
+      for (auto d : shape) count *= d;
+      CHECK(std::size_t(count) == v.size());
+      const auto d = g::compare(std::vector<float>(v.begin(), v.end()), it->second);
+      const double rel = d.max_abs / std::max(max_abs(it->second), 1e-6);
+      worst = std::max(worst, rel);
+      if ((rel > 1e-4 || d.non_finite) && first_bad.empty()) first_bad = name;
+      ++compared;
+    });
+    MESSAGE("per-node dumps: " << compared << " nodes compared, worst relative diff " << worst
+                               << (first_bad.empty() ? "" : ", first above 1e-4: " + first_bad));
+    CHECK(first_bad.empty());
+    CHECK(compared > 20);
+    CHECK(out.size() == std::size_t(n) * E);
   }
 
   TEST_CASE("cuda: a 50-step sample, fp32 on the GPU vs the CPU, same seed") {
