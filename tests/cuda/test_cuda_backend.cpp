@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <functional>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -304,6 +306,35 @@ TEST_SUITE("gpu") {
     MESSAGE("thresholded 10-step sample, GPU fp32 vs CPU: max abs diff " << d.max_abs);
     CHECK(d.non_finite == 0);
     CHECK(d.max_abs <= 1e-3);
+  }
+
+  TEST_CASE("cuda: sessions on two threads run concurrently, share the weights, and match running alone") {
+    auto model = small_unet_model();
+    auto a = cuda_session(model, 2, Precision::FP16), b = cuda_session(model, 2, Precision::FP16);
+    // Shared weights: one upload for the (model, device, precision).
+    CHECK(a->plan_info().weight_bytes == b->plan_info().weight_bytes);
+    SampleOptions oa, ob;
+    oa.steps = ob.steps = 20;
+    oa.seed = 1;
+    ob.seed = 50;
+    const auto ref_a = a->sample(oa), ref_b = b->sample(ob);
+    SampleResult got_a, got_b;
+    std::string error_a, error_b;  // an exception must not leave a thread (std::terminate)
+    const auto run = [](Session& s, const SampleOptions& o, SampleResult& r, std::string& error) {
+      try {
+        r = s.sample(o);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    };
+    std::thread ta(run, std::ref(*a), std::cref(oa), std::ref(got_a), std::ref(error_a));
+    std::thread tb(run, std::ref(*b), std::cref(ob), std::ref(got_b), std::ref(error_b));
+    ta.join();
+    tb.join();
+    CHECK_MESSAGE(error_a.empty(), error_a);
+    CHECK_MESSAGE(error_b.empty(), error_b);
+    CHECK(bitwise_equal(got_a.images, ref_a.images));
+    CHECK(bitwise_equal(got_b.images, ref_b.images));
   }
 
   TEST_CASE("cuda: output_on_device leaves the same images in device memory") {
