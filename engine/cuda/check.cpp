@@ -48,9 +48,12 @@ void throw_cuda(cudaError_t e, const char* call, const char* file, int line) {
 }
 
 void throw_cublas(cublasStatus_t s, const char* call, const char* file, int line) {
+  // EXECUTION_FAILED is a lost device only when the CUDA context holds a sticky error (a kernel
+  // that could not launch, or a capture-related refusal, leaves the context usable).
+  const cudaError_t pending = s == CUBLAS_STATUS_EXECUTION_FAILED ? cudaPeekAtLastError() : cudaSuccess;
   const ErrorCode code = s == CUBLAS_STATUS_ALLOC_FAILED ? ErrorCode::OutOfMemory
-                         : s == CUBLAS_STATUS_EXECUTION_FAILED ? ErrorCode::DeviceLost
-                                                               : ErrorCode::Internal;
+                         : s == CUBLAS_STATUS_EXECUTION_FAILED && is_sticky(pending) ? ErrorCode::DeviceLost
+                                                                                     : ErrorCode::Internal;
   throw Error(code, std::string("cublas: ") + cublasGetStatusName(s) + " (" + cublasGetStatusString(s) + ") in " +
                         where(call, file, line));
 }

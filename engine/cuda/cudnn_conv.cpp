@@ -470,7 +470,15 @@ class Scratch {
   explicit Scratch(std::size_t bytes) {
     bytes = std::max<std::size_t>(bytes, 256);
     DDIM_CUDA_CHECK(cudaMalloc(&p_, bytes));
-    DDIM_CUDA_CHECK(cudaMemset(p_, 0x3C, bytes));
+    // cudaMemset runs on the legacy default stream, which does not order the executor's
+    // non-blocking stream: wait for it before any timed run reads the buffer.
+    const cudaError_t e = cudaMemset(p_, 0x3C, bytes);
+    const cudaError_t s = e == cudaSuccess ? cudaDeviceSynchronize() : e;
+    if (s != cudaSuccess) {
+      (void)cudaFree(p_);  // a throwing constructor runs no destructor
+      p_ = nullptr;
+      throw_cuda(s, "cudaMemset / cudaDeviceSynchronize of the autotuning scratch", __FILE__, __LINE__);
+    }
   }
   ~Scratch() {
     if (p_) (void)cudaFree(p_);
