@@ -308,19 +308,37 @@ auto CudaExecutor::guarded(const char* what, F&& f) -> decltype(f()) {
   }
 }
 
+// Host fp32 pieces converted into device buffers of the element type: one copy through the
+// staging buffer for all of them, one conversion each, one synchronisation (the host vectors
+// may go when this returns).
+void CudaExecutor::upload_converted(const std::vector<std::pair<std::span<const float>, void*>>& pieces) {
+  std::size_t total = 0;
+  for (const auto& [src, dst] : pieces) total += src.size();
+  if (total == 0) return;
+  std::vector<float> packed;
+  packed.reserve(total);
+  for (const auto& [src, dst] : pieces) packed.insert(packed.end(), src.begin(), src.end());
+  staging_.reserve(total * 4, "the host-layout staging buffer");
+  DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), packed.data(), total * 4, cudaMemcpyHostToDevice, stream_));
+  std::size_t offset = 0;
+  for (const auto& [src, dst] : pieces) {
+    convert_from_f32(staging_.as<float>() + offset, dst, dtype_, src.size(), stream_);
+    offset += src.size();
+  }
+  DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
 void CudaExecutor::upload_tables(std::span<const int> timesteps) {
   if (table_timesteps_.size() == timesteps.size() && std::equal(timesteps.begin(), timesteps.end(), table_timesteps_.begin()))
     return;
   const std::vector<std::vector<float>> host = cpu::evaluate_time_tables(g_, fold_, host_weights_, timesteps);
   tables_.resize(g_.values.size());
+  std::vector<std::pair<std::span<const float>, void*>> pieces;
   for (int v : fold_.tables) {
-    const std::size_t count = host[v].size();
-    staging_.reserve(count * 4, "the host-layout staging buffer");
-    if (tables_[v].reserve(count * dtype_size(dtype_), "the time table " + g_.values[v].name)) step_graph_valid_ = false;
-    DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), host[v].data(), count * 4, cudaMemcpyHostToDevice, stream_));
-    convert_from_f32(staging_.as<float>(), tables_[v].get(), dtype_, count, stream_);
-    DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the staging buffer is reused by the next table
+    if (tables_[v].reserve(host[v].size() * dtype_size(dtype_), "the time table " + g_.values[v].name)) step_graph_valid_ = false;
+    pieces.emplace_back(host[v], tables_[v].get());
   }
+  upload_converted(pieces);
   table_timesteps_.assign(timesteps.begin(), timesteps.end());
 }
 
@@ -353,20 +371,24 @@ void CudaExecutor::forward_impl(std::span<const float> x, std::span<const int> t
     distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
     const std::vector<std::vector<float>> host = cpu::evaluate_time_tables(g_, fold_, host_weights_, distinct);
     // Table rows per sample, straight into the arena.
+    std::vector<std::vector<float>> rows;
+    std::vector<std::pair<std::span<const float>, void*>> pieces;
     for (int v : fold_.tables) {
       const std::size_t c = std::size_t(g_.values[v].c);
-      std::vector<float> rows(std::size_t(n) * c);
+      std::vector<float>& r = rows.emplace_back(std::size_t(n) * c);
       for (int b = 0; b < n; ++b) {
         const int tb = t.size() == 1 ? t[0] : t[std::size_t(b)];
-        const std::size_t r = std::size_t(std::lower_bound(distinct.begin(), distinct.end(), tb) - distinct.begin());
-        std::copy_n(host[v].data() + r * c, c, rows.data() + std::size_t(b) * c);
+        const std::size_t row = std::size_t(std::lower_bound(distinct.begin(), distinct.end(), tb) - distinct.begin());
+        std::copy_n(host[v].data() + row * c, c, r.data() + std::size_t(b) * c);
       }
-      staging_.reserve(rows.size() * 4, "the host-layout staging buffer");
-      DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_));
-      convert_from_f32(staging_.as<float>(), value_ptr(v), dtype_, rows.size(), stream_);
-      DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      if (dump) (*dump)(g_.values[v].name, {n, g_.values[v].c}, rows);
     }
+    for (std::size_t i = 0; i < fold_.tables.size(); ++i) pieces.emplace_back(rows[i], value_ptr(fold_.tables[i]));
+    upload_converted(pieces);
+    if (dump)
+      for (std::size_t i = 0; i < fold_.tables.size(); ++i) {
+        const graph::Value& tv = g_.values[fold_.tables[i]];
+        (*dump)(tv.name, {n, tv.c}, rows[i]);
+      }
     staging_.reserve(std::max(x.size(), out.size()) * 4, "the host-layout staging buffer");
     DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), x.data(), x.size() * 4, cudaMemcpyHostToDevice, stream_));
     nchw_f32_to_nhwc(staging_.as<float>(), value_ptr(g_.sample), dtype_, n, sv.c, sv.h * sv.w, stream_);

@@ -54,6 +54,7 @@ class CudaExecutor final : public Executor {
   void build_program();
   void run_forward_ops(cudaStream_t stream);  // the step program (eager), NVTX range per op in profile mode
   void upload_tables(std::span<const int> timesteps);
+  void upload_converted(const std::vector<std::pair<std::span<const float>, void*>>& pieces);
   void* value_ptr(int v) const;
   template <class F> auto guarded(const char* what, F&& f) -> decltype(f());
 

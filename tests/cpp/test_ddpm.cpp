@@ -25,9 +25,7 @@ namespace {
 
 constexpr std::size_t kE = 3 * 16 * 12;  // elements per sample of the tiny model
 
-bool bitwise_equal(std::span<const float> a, std::span<const float> b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
+using test::bitwise_equal;
 
 double max_rel(std::span<const float> a, std::span<const float> b) {
   REQUIRE(a.size() == b.size());

@@ -14,9 +14,7 @@ using namespace ddim;
 
 namespace {
 
-bool bitwise_equal(std::span<const float> a, std::span<const float> b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
+using test::bitwise_equal;
 
 double max_abs_diff(std::span<const float> a, std::span<const float> b) {
   double m = 0;

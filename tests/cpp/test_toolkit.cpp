@@ -24,9 +24,7 @@ namespace {
 
 constexpr std::size_t kE = 3 * 16 * 12;  // elements per sample of the tiny model
 
-bool bitwise_equal(std::span<const float> a, std::span<const float> b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
+using test::bitwise_equal;
 
 double mse(std::span<const float> a, std::span<const float> b) {
   REQUIRE(a.size() == b.size());
@@ -45,9 +43,14 @@ bool all_finite(std::span<const float> a) {
   return std::all_of(a.begin(), a.end(), [](float v) { return std::isfinite(v); });
 }
 
-// Sample `steps` at eta 0 from the seed without clipping (the map inversion inverts), invert,
-// sample back. Returns (relative round-trip MSE on x0, MSE of the recovered x_T against the seed's).
-std::pair<double, double> round_trip(Session& s, int steps, std::uint64_t seed, int refine = 0) {
+// Sample `steps` at eta 0 from the seed without clipping (the map inversion inverts), invert
+// (with `refine` refinements), sample back.
+struct RoundTrip {
+  double x0_mse;       // round-trip MSE on x0
+  double x0_relative;  // the same, relative to the samples' mean square
+  double x_T_mse;      // recovered x_T against the seeds' initial noise
+};
+RoundTrip round_trip(Session& s, int steps, std::uint64_t seed, int refine = 0) {
   SampleOptions o;
   o.steps = steps;
   o.seed = seed;
@@ -60,8 +63,14 @@ std::pair<double, double> round_trip(Session& s, int steps, std::uint64_t seed, 
   REQUIRE(all_finite(inv.x_T));
   o.x_T = inv.x_T;
   const SampleResult back = s.sample(o);
-  const std::vector<float> x_T = initial_noise(seed, x0.images.size());
-  return {mse(back.images, x0.images) / mean_square(x0.images), mse(inv.x_T, x_T)};
+  const std::size_t per = x0.images.size() / std::size_t(x0.n);
+  std::vector<float> x_T;
+  for (int b = 0; b < x0.n; ++b) {  // sample b starts from seed + b
+    const std::vector<float> noise = initial_noise(seed + std::uint64_t(b), per);
+    x_T.insert(x_T.end(), noise.begin(), noise.end());
+  }
+  const double e = mse(back.images, x0.images);
+  return {e, e / mean_square(x0.images), mse(inv.x_T, x_T)};
 }
 
 // ---- the CLI
@@ -165,8 +174,8 @@ TEST_CASE("toolkit: inversion round trip on the tiny model (50 and 200 steps)") 
   // 4-fold (measured 16-fold: the error falls as the square of the step size here).
   auto model = test::tiny_model();
   auto s = test::cpu_session(model, 1);
-  const auto [x0_50, xT_50] = round_trip(*s, 50, 7);
-  const auto [x0_200, xT_200] = round_trip(*s, 200, 7);
+  const RoundTrip r50 = round_trip(*s, 50, 7), r200 = round_trip(*s, 200, 7);
+  const double x0_50 = r50.x0_relative, xT_50 = r50.x_T_mse, x0_200 = r200.x0_relative, xT_200 = r200.x_T_mse;
   MESSAGE("round trip, relative x0 MSE: 50 steps " << x0_50 << ", 200 steps " << x0_200 << "; x_T MSE: 50 steps "
                                                    << xT_50 << ", 200 steps " << xT_200);
   CHECK(x0_50 < 5e-3);
@@ -185,7 +194,7 @@ TEST_CASE("toolkit: refined inversion converges to the exact inverse of the samp
     schedule.prediction_type = prediction;
     auto s = test::cpu_session(test::tiny_model(1, schedule), 1);
     std::vector<double> errors;
-    for (int refine : {0, 1, 3, 12}) errors.push_back(round_trip(*s, 10, 7, refine).first);
+    for (int refine : {0, 1, 3, 12}) errors.push_back(round_trip(*s, 10, 7, refine).x0_relative);
     MESSAGE("10-step round trip, relative x0 MSE with 0/1/3/12 refinements: " << errors[0] << " " << errors[1] << " "
                                                                                << errors[2] << " " << errors[3]);
     CHECK(errors[1] < errors[0] / 4);
@@ -203,19 +212,8 @@ TEST_CASE("toolkit: the bundled model's own 50-step samples invert back (model t
   // seeds, and with a margin of two orders of magnitude once refined.
   const auto path = fs::path(__FILE__).parent_path().parent_path().parent_path() / "weights" / "default.ddim";
   auto s = test::cpu_session(Model::load(path), 2);
-  const auto round_trip_mse = [&](int steps, int refine) {
-    SampleOptions o;
-    o.steps = steps;
-    o.clip_sample = false;
-    const SampleResult x0 = s->sample(o);
-    InvertOptions io;
-    io.steps = steps;
-    io.refine = refine;
-    const std::vector<float> x_T = s->invert(x0.images, io).x_T;
-    o.x_T = x_T;
-    return mse(s->sample(o).images, x0.images);
-  };
-  const double plain50 = round_trip_mse(50, 0), plain200 = round_trip_mse(200, 0), refined50 = round_trip_mse(50, 1);
+  const double plain50 = round_trip(*s, 50, 0).x0_mse, plain200 = round_trip(*s, 200, 0).x0_mse,
+               refined50 = round_trip(*s, 50, 0, 1).x0_mse;
   MESSAGE("bundled model round-trip MSE: 50 steps " << plain50 << ", 200 steps " << plain200 << ", 50 steps refine 1 "
                                                     << refined50);
   CHECK(plain50 < 3e-2);
