@@ -23,17 +23,7 @@ from safetensors import safe_open
 
 from conftest import load_npy, make_unet, max_abs_diff, param_count, run_ddim, run_export, save_npy, write_json
 
-NET = dict(
-    sample_size=16,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(32, 48),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
+NET = dict(block_out_channels=(32, 48))  # conftest.SMALL_UNET_DEFAULTS otherwise (make_unet)
 
 SCHEDULER = dict(
     num_train_timesteps=1000,
