@@ -56,11 +56,14 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <set>
 #include <string>
 #include <type_traits>
 
 #include "cuda/check.hpp"
 #include "kernels/dtype.cuh"
+#include "kernels/launch.cuh"
 
 namespace ddim::cuda {
 namespace {
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, Config<T, DB>::kMinBlocks)
                      Args a) {
   using C = Config<T, DB>;
   constexpr int Q = C::kQueriesPerWarp, NV = C::kPerLane, E = C::kVec, NC = C::kChunks;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DDIM_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* const ks = reinterpret_cast<T*>(smem_raw);                   // (kKeys, DB) keys
   T* const vs = C::kSplitKV ? ks : ks + std::size_t(kKeys) * DB;  // (kKeys, DB) values
   float* const pbuf = reinterpret_cast<float*>(smem_raw + (C::kSplitKV ? 1 : 2) * C::kTileBytes);
@@ -358,20 +361,29 @@ void launch(const AttentionShape& s, const void* q, const void* k, const void* v
   a.vec = aligned(k, 16) && aligned(v, 16) && (a.ld_k * es) % 16 == 0 && (a.ld_v * es) % 16 == 0 &&
           (std::size_t(s.head_dim) * es) % 16 == 0;
 
-  const auto kernel = attention_kernel<T, DB>;
+  constexpr auto kernel = attention_kernel<T, DB>;
   constexpr std::size_t smem = C::kSmemBytes;
   if constexpr (smem > 48 * 1024) {
-    int device = 0, optin = 0;
+    // The opt-in above 48 KiB, once per device (not per launch: a device query and an attribute
+    // write on every attention of every step would be host work inside the step).
+    int device = 0;
     DDIM_CUDA_CHECK(cudaGetDevice(&device));
-    DDIM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    if (std::size_t(optin) < smem)
-      throw Error(ErrorCode::Unsupported, "cuda attention: head_dim " + std::to_string(s.head_dim) + " needs " +
-                                              std::to_string(smem) + " bytes of shared memory per block; the device allows " +
-                                              std::to_string(optin));
-    DDIM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    static std::mutex mutex;
+    static std::set<int> ready;  // devices whose attribute is set
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (!ready.count(device)) {
+      int optin = 0;
+      DDIM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      if (std::size_t(optin) < smem)
+        throw Error(ErrorCode::Unsupported, "cuda attention: head_dim " + std::to_string(s.head_dim) + " needs " +
+                                                std::to_string(smem) + " bytes of shared memory per block; the device allows " +
+                                                std::to_string(optin));
+      DDIM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      ready.insert(device);
+    }
   }
   const dim3 grid(unsigned((s.tokens + C::kQueries - 1) / C::kQueries), unsigned(s.heads), unsigned(s.n));
-  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
+  DDIM_LAUNCH(grid, kThreads, smem, stream, kernel)(static_cast<const T*>(q), static_cast<const T*>(k),
                                            static_cast<const T*>(v), static_cast<T*>(o), a);
   check_launch("attention");
 }

@@ -23,6 +23,7 @@
 
 #include "cuda/check.hpp"
 #include "kernels/dtype.cuh"
+#include "kernels/launch.cuh"
 
 namespace ddim::cuda {
 namespace {
@@ -160,7 +161,7 @@ void conv2d_direct(const ConvShape& s, const void* x, const void* weight, const 
   ConvArgs a{s.n, s.h, s.w, s.cin, s.cout, s.kw, s.stride_h, s.stride_w, s.pad_t, s.pad_l, oh, ow, int(K), M};
   dispatch_dtype(t, [&](auto tag) {
     using T = decltype(tag);
-    conv2d_direct_kernel<T><<<dim3(unsigned(grid_x), unsigned(grid_y)), kThreads, 0, stream>>>(
+    DDIM_LAUNCH(dim3(unsigned(grid_x), unsigned(grid_y)), kThreads, 0, stream, conv2d_direct_kernel<T>)(
         a, static_cast<const T*>(x), static_cast<const T*>(weight), bias, static_cast<T*>(y));
   });
   check_launch("conv2d_direct");

@@ -7,6 +7,7 @@
 #include "cuda/check.hpp"
 #include "cuda/cudnn_conv.hpp"
 #include "kernels/dtype.cuh"
+#include "kernels/launch.cuh"
 
 namespace ddim::cuda {
 namespace {
@@ -42,7 +43,7 @@ void conv_epilogue(void* y, DType t, int n, int hw, int k, const float* bias, co
   if (!y) throw Error(ErrorCode::InvalidArgument, "conv_epilogue: null y");
   dispatch_dtype(t, [&](auto tag) {
     using T = decltype(tag);
-    conv_epilogue_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
+    DDIM_LAUNCH(grid_for(total, kThreads), kThreads, 0, stream, conv_epilogue_kernel<T>)(
         static_cast<T*>(y), total, per_sample, k, bias, static_cast<const T*>(temb), static_cast<const T*>(residual));
   });
   check_launch("conv_epilogue");

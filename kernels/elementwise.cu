@@ -31,6 +31,7 @@
 
 #include "cuda/check.hpp"
 #include "kernels/dtype.cuh"
+#include "kernels/launch.cuh"
 
 namespace ddim::cuda {
 
@@ -163,7 +164,7 @@ void launch_map(const TA* a, const TY* b, TY* y, std::size_t count, F f, Index i
   const int v = pick_vec(widest, b_multiple, {{a, sizeof(TA)}, {b, sizeof(TY)}, {y, sizeof(TY)}});
   with_vec<TY>(v, [&](auto vc) {
     constexpr int V = decltype(vc)::value;
-    map_kernel<TA, TY, V><<<grid_for(ceil_div(count, V), kThreads), kThreads, 0, stream>>>(a, b, y, count, f, index);
+    DDIM_LAUNCH(grid_for(ceil_div(count, V), kThreads), kThreads, 0, stream, map_kernel<TA, TY, V, F, Index>)(a, b, y, count, f, index);
   });
 }
 
@@ -313,7 +314,7 @@ void nchw_f32_to_nhwc(const float* x, void* y, DType t, int n, int c, int hw, cu
   require_pointers(op, {{"x", x}, {"y", y}});
   dispatch_dtype(t, [&](auto tag) {
     using T = decltype(tag);
-    nchw_f32_to_nhwc_kernel<T><<<transpose_grid(n, c, hw), dim3(kTile, kTileRows), 0, stream>>>(x, static_cast<T*>(y), n,
+    DDIM_LAUNCH(transpose_grid(n, c, hw), dim3(kTile, kTileRows), 0, stream, nchw_f32_to_nhwc_kernel<T>)(x, static_cast<T*>(y), n,
                                                                                                   c, hw);
   });
   check_launch(op);
@@ -326,7 +327,7 @@ void nhwc_to_nchw_f32(const void* x, float* y, DType t, int n, int c, int hw, cu
   require_pointers(op, {{"x", x}, {"y", y}});
   dispatch_dtype(t, [&](auto tag) {
     using T = decltype(tag);
-    nhwc_to_nchw_f32_kernel<T><<<transpose_grid(n, c, hw), dim3(kTile, kTileRows), 0, stream>>>(
+    DDIM_LAUNCH(transpose_grid(n, c, hw), dim3(kTile, kTileRows), 0, stream, nhwc_to_nchw_f32_kernel<T>)(
         static_cast<const T*>(x), y, n, c, hw);
   });
   check_launch(op);
@@ -436,7 +437,7 @@ void concat_channels(const void* const* xs, const int* cs, int count, void* y, D
     using T = decltype(tag);
     with_vec<T>(v, [&](auto vc) {
       constexpr int V = decltype(vc)::value;
-      concat_kernel<T, V><<<grid_for(rows * std::size_t(args.c_total), kThreads), kThreads, 0, stream>>>(
+      DDIM_LAUNCH(grid_for(rows * std::size_t(args.c_total), kThreads), kThreads, 0, stream, concat_kernel<T, V>)(
           args, static_cast<T*>(y), rows);
     });
   });
@@ -455,7 +456,7 @@ void upsample_nearest2x(const void* x, void* y, DType t, int n, int h, int w, in
     using T = decltype(tag);
     with_vec<T>(v, [&](auto vc) {
       constexpr int V = decltype(vc)::value;
-      upsample_nearest2x_kernel<T, V><<<grid_for(packs, kThreads), kThreads, 0, stream>>>(
+      DDIM_LAUNCH(grid_for(packs, kThreads), kThreads, 0, stream, upsample_nearest2x_kernel<T, V>)(
           static_cast<const T*>(x), static_cast<T*>(y), n, h, w, c);
     });
   });
@@ -477,7 +478,7 @@ void avg_pool2x(const void* x, void* y, DType t, int n, int h, int w, int c, cud
     using T = decltype(tag);
     with_vec<T>(v, [&](auto vc) {
       constexpr int V = decltype(vc)::value;
-      avg_pool2x_kernel<T, V><<<grid_for(packs, kThreads), kThreads, 0, stream>>>(static_cast<const T*>(x),
+      DDIM_LAUNCH(grid_for(packs, kThreads), kThreads, 0, stream, avg_pool2x_kernel<T, V>)(static_cast<const T*>(x),
                                                                                  static_cast<T*>(y), n, h, w, c);
     });
   });

@@ -39,6 +39,7 @@
 
 #include "cuda/check.hpp"
 #include "kernels/dtype.cuh"
+#include "kernels/launch.cuh"
 
 namespace ddim::cuda {
 namespace {
@@ -181,7 +182,7 @@ void launch(const void* x, void* y, int n, int hw, int c, int groups, float eps,
   const std::size_t group_len = std::size_t(hw) * std::size_t(c / groups);
   const unsigned threads = group_len >= (std::size_t(1) << 16) ? 1024u : group_len >= (std::size_t(1) << 13) ? 512u : 256u;
   const unsigned blocks = unsigned(std::size_t(n) * std::size_t(groups));
-  group_norm_kernel<T, P><<<blocks, threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), hw, c, groups,
+  DDIM_LAUNCH(blocks, threads, 0, stream, group_norm_kernel<T, P>)(static_cast<const T*>(x), static_cast<T*>(y), hw, c, groups,
                                                           eps, gamma, beta, silu);
 }
 

@@ -3,8 +3,10 @@
 // the time-table row gather. One thread per element of the (n, hw, c) state; noise is indexed by
 // the host's NCHW element index so every value equals the CPU's.
 #include "cuda/check.hpp"
+#include "cuda/threshold.hpp"
 #include "kernels/ddpm_step.h"
 #include "kernels/dtype.cuh"
+#include "kernels/launch.cuh"
 #include "kernels/philox.h"
 
 namespace ddim::cuda {
@@ -83,7 +85,7 @@ __global__ void gather_rows_kernel(const T* __restrict__ table, const int* __res
 void philox_initial(const std::uint64_t* seeds, int n, int c, int hw, float* x, cudaStream_t stream) {
   const std::size_t total = std::size_t(n) * std::size_t(c) * std::size_t(hw);
   if (total == 0) return;
-  philox_initial_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(seeds, n, c, hw, x);
+  DDIM_LAUNCH(grid_for(total, kThreads), kThreads, 0, stream, philox_initial_kernel)(seeds, n, c, hw, x);
   check_launch("philox_initial");
 }
 
@@ -92,7 +94,7 @@ void ddim_step(const StepLaunch& s, DType t, cudaStream_t stream) {
   if (total == 0) return;
   dispatch_dtype(t, [&](auto tag) {
     using T = decltype(tag);
-    ddim_step_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream>>>(s);
+    DDIM_LAUNCH(grid_for(total, kThreads), kThreads, 0, stream, ddim_step_kernel<T>)(s);
   });
   check_launch("ddim_step");
 }
@@ -102,13 +104,25 @@ void ddim_pred_x0_all(const StepLaunch& s, DType t, float* x0, cudaStream_t stre
   if (total == 0) return;
   dispatch_dtype(t, [&](auto tag) {
     using T = decltype(tag);
-    pred_x0_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream>>>(s, x0);
+    DDIM_LAUNCH(grid_for(total, kThreads), kThreads, 0, stream, pred_x0_kernel<T>)(s, x0);
   });
   check_launch("ddim_pred_x0_all");
 }
 
+void load_sampling_kernels(DType t) {
+  cudaFuncAttributes attr{};
+  dispatch_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    DDIM_CUDA_CHECK(cudaFuncGetAttributes(&attr, gather_rows_kernel<T>));
+    DDIM_CUDA_CHECK(cudaFuncGetAttributes(&attr, ddim_step_kernel<T>));
+    DDIM_CUDA_CHECK(cudaFuncGetAttributes(&attr, pred_x0_kernel<T>));
+  });
+  DDIM_CUDA_CHECK(cudaFuncGetAttributes(&attr, advance_step_kernel));
+  load_threshold_kernels();
+}
+
 void advance_step(int* step_index, cudaStream_t stream) {
-  advance_step_kernel<<<1, 1, 0, stream>>>(step_index);
+  DDIM_LAUNCH(1, 1, 0, stream, advance_step_kernel)(step_index);
   check_launch("advance_step");
 }
 
@@ -117,7 +131,7 @@ void bias_divide_rows(void* y, DType t, std::size_t rows, int cols, const float*
   if (total == 0) return;
   dispatch_dtype(t, [&](auto tag) {
     using T = decltype(tag);
-    bias_divide_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream>>>(static_cast<T*>(y), rows, cols, bias, divisor);
+    DDIM_LAUNCH(grid_for(total, kThreads), kThreads, 0, stream, bias_divide_kernel<T>)(static_cast<T*>(y), rows, cols, bias, divisor);
   });
   check_launch("bias_divide_rows");
 }
@@ -127,7 +141,7 @@ void gather_rows(const void* table, const int* step_index, void* y, DType t, int
   if (total == 0) return;
   dispatch_dtype(t, [&](auto tag) {
     using T = decltype(tag);
-    gather_rows_kernel<T><<<grid_for(total, kThreads), kThreads, 0, stream>>>(static_cast<const T*>(table), step_index,
+    DDIM_LAUNCH(grid_for(total, kThreads), kThreads, 0, stream, gather_rows_kernel<T>)(static_cast<const T*>(table), step_index,
                                                                               static_cast<T*>(y), n, c);
   });
   check_launch("gather_rows");

@@ -52,6 +52,7 @@
 
 #include "cuda/check.hpp"
 #include "cuda/threshold.hpp"
+#include "kernels/launch.cuh"
 #include "ddim/error.hpp"
 
 namespace ddim::cuda {
@@ -245,13 +246,19 @@ void dynamic_thresholds(const float* x0, int n, std::size_t E, double ratio, dou
   const std::size_t chunks = (E + per_block - 1) / per_block;
   const dim3 hist_grid(static_cast<unsigned>(chunks < kMaxChunks ? chunks : kMaxChunks), static_cast<unsigned>(n));
   for (int pass = 0; pass < kPasses; ++pass) {
-    threshold_histogram_kernel<<<hist_grid, kThreads, 0, stream>>>(x0, static_cast<unsigned>(E), words, pass);
+    DDIM_LAUNCH(hist_grid, kThreads, 0, stream, threshold_histogram_kernel)(x0, static_cast<unsigned>(E), words, pass);
     check_launch("dynamic_thresholds (histogram)");
-    threshold_select_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
+    DDIM_LAUNCH(static_cast<unsigned>(n), kThreads, 0, stream, threshold_select_kernel)(
         words, pass, static_cast<std::uint32_t>(below), static_cast<std::uint32_t>(above), w, one_minus_w, max_value,
         thresholds);
     check_launch("dynamic_thresholds (select)");
   }
+}
+
+void load_threshold_kernels() {
+  cudaFuncAttributes attr{};
+  DDIM_CUDA_CHECK(cudaFuncGetAttributes(&attr, threshold_histogram_kernel));
+  DDIM_CUDA_CHECK(cudaFuncGetAttributes(&attr, threshold_select_kernel));
 }
 
 }  // namespace ddim::cuda

@@ -4,7 +4,8 @@
 # CPU. Extra arguments go to `ddim sample` (e.g. --seed 7 --eta 0.5 --device cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tools/setup.sh
+# Only what sampling needs: the ddim tool (and the library it links), not the tests.
+tools/setup.sh ddim_cli ddim_make_model
 BUILD_DIR=${BUILD_DIR:-build}
 model=weights/default.ddim
 if [ ! -f "$model" ]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building ddim needs on a fresh Debian/Ubuntu machine (when run as root and something
 # is missing), then configures and builds into ${BUILD_DIR:-build}. CUDA is used when nvcc exists.
+# Arguments: the CMake targets to build (default: everything), e.g. `tools/setup.sh ddim_cli`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,4 +33,6 @@ fi
 BUILD_DIR=${BUILD_DIR:-build}
 jobs=$(nproc 2>/dev/null || echo 2)
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=${BUILD_TYPE:-Release} ${DDIM_CMAKE_ARGS:-} >/dev/null
-cmake --build "$BUILD_DIR" -j "$jobs"
+targets=()
+for t in "$@"; do targets+=(--target "$t"); done
+cmake --build "$BUILD_DIR" -j "$jobs" "${targets[@]}"

@@ -43,7 +43,7 @@ CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& optio
     throw Error(ErrorCode::OutOfMemory, "cpu: cannot allocate the " + std::to_string(mem_.arena_bytes + scratch * 4) +
                                             "-byte activation arena for batch " + std::to_string(batch_));
   }
-  node_weights_ = resolve_node_weights(g_, m_);  // once here, not by name on every step
+  node_weights_ = plan::resolve_node_weights(g_, m_);  // once here, not by name on every step
   tables_.resize(g_.values.size());
   info_.backend = "cpu (" + std::to_string(pool_->size()) + " threads)";
   info_.precision = "fp32";
@@ -64,40 +64,10 @@ CpuExecutor::~CpuExecutor() = default;
 std::size_t CpuExecutor::sample_elems() const { return std::size_t(g_.values[g_.sample].elements()); }
 std::size_t CpuExecutor::out_elems() const { return std::size_t(g_.values[g_.output].elements()); }
 
-std::vector<NodeWeights> resolve_node_weights(const graph::Graph& g, const Model::Impl& m) {
-  static constexpr const char* kRoleNames[kRoleCount] = {"weight",   "bias",     "q_weight", "q_bias",     "k_weight",
-                                                         "k_bias",   "v_weight", "v_bias",   "out_weight", "out_bias"};
-  std::vector<NodeWeights> weights(g.nodes.size(), NodeWeights{});
-  for (std::size_t i = 0; i < g.nodes.size(); ++i)
-    for (const auto& p : g.nodes[i].params) {
-      const auto r = std::find(std::begin(kRoleNames), std::end(kRoleNames), p.role);
-      if (r == std::end(kRoleNames)) throw Error(ErrorCode::Internal, "unknown parameter role '" + p.role + "'");
-      weights[i][std::size_t(r - std::begin(kRoleNames))] = m.weight(p.tensor);
-    }
-  return weights;
-}
-
-std::vector<std::vector<float>> evaluate_time_tables(const graph::Graph& g, const graph::TimeFolding& fold,
-                                                     const std::vector<NodeWeights>& weights, std::span<const int> timesteps) {
-  const int rows = int(timesteps.size());
-  std::vector<std::vector<float>> vals(g.values.size());
-  vals[g.timestep].assign(timesteps.begin(), timesteps.end());
-  std::vector<const float*> in;
-  for (int i : fold.time_nodes) {
-    const Node& n = g.nodes[i];
-    in.clear();
-    for (int v : n.inputs) in.push_back(vals[v].data());
-    vals[n.output].assign(std::size_t(rows) * std::size_t(g.values[n.output].elements()), 0.f);
-    run_node(g, n, weights[std::size_t(i)], rows, in, vals[n.output].data(), nullptr, nullptr);
-  }
-  std::vector<std::vector<float>> tables(g.values.size());
-  for (int v : fold.tables) tables[v] = std::move(vals[v]);
-  return tables;
-}
-
 void run_node(const graph::Graph& g, const Node& n, const NodeWeights& weights, int batch, const std::vector<const float*>& in,
               float* y, float* scratch, ThreadPool* pool) {
   const auto& x = g.values[n.inputs[0]];
+  using namespace plan;
   auto w = [&](Role r) { return weights[r]; };
   const std::size_t count = std::size_t(batch) * std::size_t(x.elements());
   if ((n.op == Op::Conv2d || n.op == Op::Attention) && !scratch)
@@ -147,7 +117,7 @@ void run_node(const graph::Graph& g, const Node& n, const NodeWeights& weights, 
 void CpuExecutor::build_tables(std::span<const int> timesteps) {
   if (table_timesteps_.size() == timesteps.size() && std::equal(timesteps.begin(), timesteps.end(), table_timesteps_.begin()))
     return;
-  tables_ = evaluate_time_tables(g_, fold_, node_weights_, timesteps);
+  tables_ = plan::evaluate_time_tables(g_, fold_, node_weights_, timesteps);
   table_timesteps_.assign(timesteps.begin(), timesteps.end());
 }
 

@@ -10,27 +10,19 @@
 #include "backend.hpp"
 #include "graph/passes.hpp"
 #include "model_impl.hpp"
+#include "plan/host_plan.hpp"
 
 namespace ddim::cpu {
 
 class ThreadPool;
 
-// Parameter roles of the IR (graph/ir.cpp): a node's parameter pointers, resolved once per plan.
-enum Role { kWeight, kBias, kQWeight, kQBias, kKWeight, kKBias, kVWeight, kVBias, kOutWeight, kOutBias, kRoleCount };
-using NodeWeights = std::array<const float*, kRoleCount>;
-// Resolves every node's parameters to pointers into the model's fp32 weights (null where absent).
-std::vector<NodeWeights> resolve_node_weights(const graph::Graph& g, const Model::Impl& m);
+using plan::NodeWeights;
 
 // Runs one node of g on the CPU for `batch` samples: in = the node's input buffers, y its output
 // (layouts of engine/cpu/ops.hpp). scratch: conv2d_scratch_floats / attention_scratch_floats
 // floats (convolution and attention only; may be null for other ops).
 void run_node(const graph::Graph& g, const graph::Node& n, const NodeWeights& weights, int batch,
               const std::vector<const float*>& in, float* y, float* scratch, ThreadPool* pool);
-
-// The folded time tables on the host, fp32: for every value in folding.tables, rows x C values,
-// one row per entry of `timesteps` (used by the CUDA backend, which uploads them).
-std::vector<std::vector<float>> evaluate_time_tables(const graph::Graph& g, const graph::TimeFolding& folding,
-                                                     const std::vector<NodeWeights>& weights, std::span<const int> timesteps);
 
 class CpuExecutor final : public Executor {
  public:

@@ -58,16 +58,52 @@ void throw_cublas(cublasStatus_t s, const char* call, const char* file, int line
                         where(call, file, line));
 }
 
-void throw_cudnn(cudnnStatus_t s, const char* call, const char* file, int line) {
+CudnnFailure classify_cudnn(cudnnStatus_t s) noexcept {
+  const int code = static_cast<int>(s);
+  switch (code) {
+    case 1001: case 1002: case 1005: case 1008:
+    case 3005: case 3006: case 3007: case 3008: case 3009:
+      return CudnnFailure::Environment;
+    case 4003: case 4004:
+      return CudnnFailure::OutOfMemory;
+    default: break;
+  }
+  switch (code / 1000) {
+    case 1: return code == 1003 || code == 1004 || code == 1006 || code == 1007 ? CudnnFailure::Bug : CudnnFailure::Environment;
+    case 3: return CudnnFailure::Refusal;
+    case 5: return CudnnFailure::Execution;
+    default: return CudnnFailure::Bug;
+  }
+}
+
+std::string cudnn_status_text(cudnnStatus_t s) {
+  std::string text = cudnnGetErrorString(s);
   char detail[512] = {0};
   cudnnGetLastErrorString(detail, sizeof detail);
-  const ErrorCode code = s == CUDNN_STATUS_ALLOC_FAILED ? ErrorCode::OutOfMemory
-                         : s == CUDNN_STATUS_EXECUTION_FAILED ? ErrorCode::DeviceLost
-                         : s == CUDNN_STATUS_NOT_SUPPORTED ? ErrorCode::Unsupported
-                                                            : ErrorCode::Internal;
-  std::string message = std::string("cudnn: ") + cudnnGetErrorString(s) + " in " + where(call, file, line);
-  if (detail[0]) message += ": " + std::string(detail);
-  throw Error(code, message);
+  if (detail[0]) {
+    std::string d(detail);
+    for (char& c : d)
+      if (c == '\n') c = ' ';  // one-line messages
+    if (d.size() > 240) d = d.substr(0, 240) + "...";
+    text += " (" + d + ")";
+  }
+  return text;
+}
+
+void throw_cudnn(cudnnStatus_t s, const char* call, const char* file, int line) {
+  const std::string message = std::string("cudnn: ") + cudnn_status_text(s) + " in " + where(call, file, line);
+  switch (classify_cudnn(s)) {
+    case CudnnFailure::Refusal: throw Error(ErrorCode::Unsupported, message);
+    case CudnnFailure::Environment: throw CudnnEnvironmentError("cuDNN cannot be used on this machine: " + message);
+    case CudnnFailure::OutOfMemory: throw Error(ErrorCode::OutOfMemory, message);
+    case CudnnFailure::Execution: {
+      // A lost device only when the CUDA context holds a sticky error.
+      const cudaError_t pending = cudaPeekAtLastError();
+      throw Error(is_sticky(pending) ? ErrorCode::DeviceLost : ErrorCode::Internal, message);
+    }
+    case CudnnFailure::Bug: break;
+  }
+  throw Error(ErrorCode::Internal, message);
 }
 
 void check_launch(const char* kernel) {

@@ -4,6 +4,20 @@
 // ...) that poison the context map to ErrorCode::DeviceLost; out of memory to OutOfMemory;
 // everything else to Internal (a bug in ddim or an unexpected library state).
 //
+// cuDNN 9 statuses carry a category (the thousands) and a sub-code; classify_cudnn sorts them:
+//   Refusal      3000-3004, 3010-3014 (graph pattern, shape, data type, layout, shared memory,
+//                padding, launch parameters, CUDA-graph API, dynamic shape) and unknown 3xxx:
+//                this engine / graph cannot do this convolution; the caller tries the next one
+//                (a shorter fusion prefix, then the direct kernel). ErrorCode::Unsupported.
+//   Environment  1001, 1002, 1005, 1008 and 3005-3009 (not initialised, sub-library version or
+//                loading failure, licence, incompatible driver / runtime, architecture mismatch,
+//                missing runtime prerequisite, sub-library unavailable) and unknown 1xxx: cuDNN
+//                is unusable on this machine; the plan fails with the reason (never a silent
+//                per-convolution fallback). CudnnEnvironmentError (ErrorCode::Unsupported).
+//   OutOfMemory  4003, 4004 (host / device allocation inside cuDNN).
+//   Execution    5000-5004: DeviceLost when the CUDA context holds a sticky error, else Internal.
+//   Bug          everything else (bad parameters, internal errors): Internal.
+//
 //   DDIM_CUDA_CHECK(cudaMemcpyAsync(...));
 //   DDIM_CUBLAS_CHECK(cublasGemmEx(...));
 //   DDIM_CUDNN_CHECK(cudnnBackendFinalize(desc));
@@ -18,6 +32,15 @@
 
 namespace ddim::cuda {
 
+enum class CudnnFailure { Refusal, Environment, OutOfMemory, Execution, Bug };
+CudnnFailure classify_cudnn(cudnnStatus_t s) noexcept;
+
+// cuDNN cannot be used here at all (CudnnFailure::Environment): the plan fails with this.
+class CudnnEnvironmentError : public Error {
+ public:
+  explicit CudnnEnvironmentError(const std::string& message) : Error(ErrorCode::Unsupported, message) {}
+};
+
 // True for the errors after which the CUDA context is unusable (the process must be restarted
 // to use the device again).
 bool is_sticky(cudaError_t e) noexcept;
@@ -26,6 +49,8 @@ ErrorCode error_code_of(cudaError_t e) noexcept;
 [[noreturn]] void throw_cuda(cudaError_t e, const char* call, const char* file, int line);
 [[noreturn]] void throw_cublas(cublasStatus_t s, const char* call, const char* file, int line);
 [[noreturn]] void throw_cudnn(cudnnStatus_t s, const char* call, const char* file, int line);
+// cuDNN's name of s plus its last error message of this thread (one line, shortened).
+std::string cudnn_status_text(cudnnStatus_t s);
 
 // After a kernel launch: throws when the launch failed (bad configuration, or a sticky error
 // from earlier work). Does not synchronise.

@@ -3,11 +3,13 @@
 #include <nvtx3/nvToolsExt.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
-#include "cpu/cpu_backend.hpp"
+#include "plan/host_plan.hpp"
 #include "cuda/check.hpp"
 #include "cuda/cudnn_conv.hpp"
+#include "cuda/cudnn_loader.hpp"
 #include "cuda/threshold.hpp"
 
 namespace ddim::cuda {
@@ -62,14 +64,15 @@ void CudaExecutor::init(const ExecutorContext& ctx) {
   DDIM_CUBLAS_CHECK(cublasCreate(&cublas_));
   DDIM_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
   DDIM_CUBLAS_CHECK(cublasSetPointerMode(cublas_, CUBLAS_POINTER_MODE_HOST));
-  DDIM_CUDNN_CHECK(cudnnCreate(&cudnn_));
-  DDIM_CUDNN_CHECK(cudnnSetStream(cudnn_, stream_));
-  convs_ = std::make_unique<ConvPlanCache>();
+  open_cudnn();
   g_ = m_.graph;
   graph::infer_shapes(g_, ctx.height, ctx.width);
   plan();
   weights_ = device_weights(model_, device_, dtype_);
   build_program();
+  // Every kernel the sampling step launches is loaded now: a kernel's first launch inside a
+  // stream capture would load its module there (CUDA's lazy loading), which a capture must not do.
+  load_sampling_kernels(dtype_);
   // One eager forward at plan time: loads every kernel and library engine before any capture,
   // and reports a failing configuration here rather than in the first sample. Its inputs (the
   // sample and table slots) are not written yet: zero the arena first, so that the warm-up reads
@@ -79,6 +82,31 @@ void CudaExecutor::init(const ExecutorContext& ctx) {
   DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
+// cuDNN for the convolutions, unless it cannot be initialised at all here (cudnnCreate fails: the
+// library or its sub-libraries are missing; the CUDA emulator) or DDIM_CUDNN=0 / off turns it off:
+// then every convolution runs on the direct kernel, and PlanInfo::warnings says so. (A cuDNN that
+// initialises but refuses for environment reasons later fails the plan: see cudnn_conv.hpp.)
+void CudaExecutor::open_cudnn() {
+  const char* env = std::getenv("DDIM_CUDNN");
+  if (env && (std::strcmp(env, "0") == 0 || std::strcmp(env, "off") == 0)) {
+    cudnn_off_ = std::string("DDIM_CUDNN=") + env;
+  } else {
+    preload_cudnn_sublibraries();
+    const cudnnStatus_t s = cudnnCreate(&cudnn_);
+    if (s != CUDNN_STATUS_SUCCESS) {
+      cudnn_ = nullptr;
+      if (classify_cudnn(s) == CudnnFailure::OutOfMemory) throw_cudnn(s, "cudnnCreate", __FILE__, __LINE__);
+      cudnn_off_ = "cudnnCreate failed: " + cudnn_status_text(s);
+    } else {
+      DDIM_CUDNN_CHECK(cudnnSetStream(cudnn_, stream_));
+      convs_ = ConvPlanCache::for_device(device_);
+    }
+  }
+  if (!cudnn_off_.empty())
+    info_.warnings.push_back("cuDNN is not used (" + cudnn_off_ +
+                             "): every convolution runs on the direct-convolution kernel, which is much slower");
+}
+
 CudaExecutor::~CudaExecutor() { release(); }
 
 void CudaExecutor::release() noexcept {
@@ -86,7 +114,8 @@ void CudaExecutor::release() noexcept {
   if (stream_) (void)cudaStreamSynchronize(stream_);
   if (step_graph_) (void)cudaGraphExecDestroy(step_graph_);
   step_graph_ = nullptr;
-  convs_.reset();  // the cuDNN plans before their handle
+  conv_plans_.clear();
+  convs_.reset();
   if (cudnn_) (void)cudnnDestroy(cudnn_);
   cudnn_ = nullptr;
   if (cublas_) (void)cublasDestroy(cublas_);
@@ -108,7 +137,7 @@ void CudaExecutor::plan() {
   host_weights_.clear();
   {
     // Host fp32 weights of the time-only nodes, indexed like g_ (node_of_ maps to the model graph).
-    const std::vector<cpu::NodeWeights> all = cpu::resolve_node_weights(m_.graph, m_);
+    const std::vector<plan::NodeWeights> all = plan::resolve_node_weights(m_.graph, m_);
     for (int i : node_of_) host_weights_.push_back(all[std::size_t(i)]);
   }
 
@@ -184,11 +213,18 @@ void CudaExecutor::build_program() {
         if (epi.time_add) what += " + time embedding";
         if (epi.residual_add) what += " + residual";
         const CudnnConv* conv = nullptr;
-        try {
-          conv = &convs_->get(cudnn_, s, t, epi, options_.autotune);
-        } catch (const Error& e) {
-          if (e.code() != ErrorCode::Unsupported) throw;
-          info_.fusions.push_back(what + " [direct kernel; cuDNN: " + e.what() + "]");
+        if (!convs_) {
+          info_.fusions.push_back(what + " [direct kernel; cuDNN not used]");
+        } else {
+          try {
+            conv_plans_.push_back(convs_->get(s, t, epi, options_.autotune));
+            conv = conv_plans_.back().get();
+          } catch (const CudnnEnvironmentError&) {
+            throw;  // cuDNN is unusable here: the plan fails (with --device auto: the CPU)
+          } catch (const Error& e) {
+            if (e.code() != ErrorCode::Unsupported) throw;
+            info_.fusions.push_back(what + " [direct kernel; cuDNN: " + e.what() + "]");
+          }
         }
         if (conv) {
           workspace = std::max(workspace, conv->workspace_bytes());
@@ -299,8 +335,8 @@ auto CudaExecutor::guarded(const char* what, F&& f) -> decltype(f()) {
   if (!lost_.empty())
     throw Error(ErrorCode::DeviceLost, std::string(what) + ": the CUDA device was lost earlier in this session (" + lost_ +
                                            "); create a new session after the process restarts");
-  DDIM_CUDA_CHECK(cudaSetDevice(device_));
   try {
+    DDIM_CUDA_CHECK(cudaSetDevice(device_));
     return f();
   } catch (const Error& e) {
     if (e.code() == ErrorCode::DeviceLost) lost_ = e.what();
@@ -331,7 +367,7 @@ void CudaExecutor::upload_converted(const std::vector<std::pair<std::span<const 
 void CudaExecutor::upload_tables(std::span<const int> timesteps) {
   if (table_timesteps_.size() == timesteps.size() && std::equal(timesteps.begin(), timesteps.end(), table_timesteps_.begin()))
     return;
-  const std::vector<std::vector<float>> host = cpu::evaluate_time_tables(g_, fold_, host_weights_, timesteps);
+  const std::vector<std::vector<float>> host = plan::evaluate_time_tables(g_, fold_, host_weights_, timesteps);
   tables_.resize(g_.values.size());
   std::vector<std::pair<std::span<const float>, void*>> pieces;
   for (int v : fold_.tables) {
@@ -369,7 +405,7 @@ void CudaExecutor::forward_impl(std::span<const float> x, std::span<const int> t
     std::vector<int> distinct(t.begin(), t.end());
     std::sort(distinct.begin(), distinct.end());
     distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
-    const std::vector<std::vector<float>> host = cpu::evaluate_time_tables(g_, fold_, host_weights_, distinct);
+    const std::vector<std::vector<float>> host = plan::evaluate_time_tables(g_, fold_, host_weights_, distinct);
     // Table rows per sample, straight into the arena.
     std::vector<std::vector<float>> rows;
     std::vector<std::pair<std::span<const float>, void*>> pieces;
@@ -536,14 +572,22 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
     };
     if (!options_.profile && graph_failure_.empty() &&
         (!step_graph_ || !step_graph_valid_ || key != captured_with_ || repeats != captured_repeats_)) {
-      try {
-        capture();
-      } catch (const Error& e) {
-        // A library call that cannot be captured (e.g. a cuDNN engine) must not make the session
-        // unusable: its steps then run eagerly, exactly the same launches without the graph.
-        if (e.code() == ErrorCode::DeviceLost || e.code() == ErrorCode::OutOfMemory) throw;
-        graph_failure_ = e.what();
-        info_.warnings.push_back("the sampling steps run eagerly: capturing them as a CUDA graph failed: " + graph_failure_);
+      // A library call that cannot be captured (e.g. a cuDNN engine) must not make the session
+      // unusable: after a second failed attempt the steps run eagerly, exactly the same launches
+      // without the graph. The first failure is retried at once: another thread's device-wide
+      // synchronisation can invalidate a capture that is otherwise fine.
+      for (int attempt = 1; attempt <= 2; ++attempt) {
+        try {
+          capture();
+          break;
+        } catch (const Error& e) {
+          if (e.code() == ErrorCode::DeviceLost || e.code() == ErrorCode::OutOfMemory) throw;
+          if (attempt == 2) {
+            graph_failure_ = e.what();
+            info_.warnings.push_back("the sampling steps run eagerly: capturing them as a CUDA graph failed twice: " +
+                                     graph_failure_);
+          }
+        }
       }
     }
     const bool eager = options_.profile || !graph_failure_.empty();

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "backend.hpp"
-#include "cpu/cpu_backend.hpp"
+#include "plan/host_plan.hpp"
 #include "cuda/device_memory.hpp"
 #include "cuda/kernels.hpp"
 #include "graph/passes.hpp"
@@ -28,6 +28,7 @@
 namespace ddim::cuda {
 
 class ConvPlanCache;
+class CudnnConv;
 
 class CudaExecutor final : public Executor {
  public:
@@ -47,6 +48,7 @@ class CudaExecutor final : public Executor {
     std::function<void(cudaStream_t)> run;
   };
   void init(const ExecutorContext& ctx);
+  void open_cudnn();
   void release() noexcept;
   void forward_impl(std::span<const float> x, std::span<const int> t, std::span<float> out,
                     const Session::NodeOutputCallback* dump);
@@ -66,14 +68,16 @@ class CudaExecutor final : public Executor {
   graph::Graph g_;                 // the fused step graph (conv + add epilogues merged)
   graph::TimeFolding fold_;
   graph::MemoryPlan mem_;
-  std::vector<cpu::NodeWeights> host_weights_;  // for the host time tables
+  std::vector<plan::NodeWeights> host_weights_;  // for the host time tables
   std::shared_ptr<const DeviceWeights> weights_;
   std::vector<int> node_of_;       // fused graph node -> model graph node (for the weights)
 
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   cudnnHandle_t cudnn_ = nullptr;
-  std::unique_ptr<ConvPlanCache> convs_;
+  std::shared_ptr<ConvPlanCache> convs_;  // null when cuDNN is not used (cudnn_off_ says why)
+  std::vector<std::shared_ptr<const CudnnConv>> conv_plans_;  // the plans the program runs
+  std::string cudnn_off_;
   DeviceBuffer arena_, workspace_, cublas_workspace_, attention_scratch_;
   DeviceBuffer staging_;           // fp32 host-layout input / output
   DeviceBuffer output_;            // SampleJob::output_on_device results
@@ -93,7 +97,7 @@ class CudaExecutor final : public Executor {
   std::pair<double, double> captured_threshold_{0, 0};  // (ratio, max value) in the captured graph
   DeviceBuffer threshold_buffer_;  // unclipped x0, per-sample bounds, selection scratch
   std::size_t captured_repeats_ = 0;  // steps in the captured graph (1, or S for the whole loop)
-  std::string graph_failure_;  // why capturing the step failed; the steps then run eagerly
+  std::string graph_failure_;  // why capturing the step failed twice; the steps then run eagerly
 
   std::string lost_;  // non-empty after a sticky device error: every later call reports it
   PlanInfo info_;

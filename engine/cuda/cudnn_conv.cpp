@@ -18,12 +18,14 @@
 #include <array>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
 
 #include "cuda/check.hpp"
+#include "cuda/cudnn_loader.hpp"
 
 namespace ddim::cuda {
 namespace {
@@ -71,24 +73,24 @@ cudnnDataType_t cudnn_type(DType t) {
   throw Error(ErrorCode::Internal, "cudnn_conv: unknown element type");
 }
 
-// The status' name and cuDNN's last error message of this thread (shortened).
-std::string status_text(cudnnStatus_t s) {
-  std::string text = cudnnGetErrorString(s);
-  char detail[512] = {0};
-  cudnnGetLastErrorString(detail, sizeof detail);
-  if (detail[0]) {
-    std::string d(detail);
-    std::replace(d.begin(), d.end(), '\n', ' ');  // one-line messages
-    if (d.size() > 240) d = d.substr(0, 240) + "...";
-    text += " (" + d + ")";
-  }
-  return text;
-}
+std::string status_text(cudnnStatus_t s) { return cudnn_status_text(s); }
 
-// Allocation failures inside cuDNN are not a refusal of the graph: they are reported as such.
-void throw_if_out_of_memory(cudnnStatus_t s, const char* call) {
-  if (s == CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED || s == CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED)
-    throw Error(ErrorCode::OutOfMemory, std::string("cudnn: ") + call + ": " + status_text(s));
+// At the points where cuDNN may legitimately refuse (finalizing a graph, heuristics, an engine,
+// an engine config or an execution plan; executing a plan while autotuning): returns when `s` is
+// a refusal (check.hpp's Refusal, an unexpected Bug status, or an execution failure without a
+// sticky CUDA error), which the caller records before trying the next candidate; throws for
+// everything that is not about this convolution: cuDNN unusable here (CudnnEnvironmentError),
+// allocation failures (OutOfMemory), a lost device.
+void throw_unless_refusal(cudnnStatus_t s, const char* call) {
+  switch (classify_cudnn(s)) {
+    case CudnnFailure::Environment:
+    case CudnnFailure::OutOfMemory: throw_cudnn(s, call, __FILE__, __LINE__);
+    case CudnnFailure::Execution:
+      if (is_sticky(cudaPeekAtLastError())) throw_cudnn(s, call, __FILE__, __LINE__);
+      return;
+    case CudnnFailure::Refusal:
+    case CudnnFailure::Bug: return;
+  }
 }
 
 // An owned backend descriptor.
@@ -153,6 +155,14 @@ Desc make_tensor(std::int64_t uid, cudnnDataType_t type, const Dims& dims, const
   DDIM_FINALIZE(t, "tensor");
   return t;
 }
+
+// An engine config and, when it was made here from an engine (the engine scan), that engine: the
+// config references it, so they live and die together. (Configs from the heuristics own their
+// engines inside cuDNN.)
+struct EngineConfig {
+  Desc config;
+  Desc engine;
+};
 
 // One operation graph: the descriptors it is made of and the finalized graph (or why not).
 struct OpGraph {
@@ -259,7 +269,7 @@ OpGraph build_graph(cudnnHandle_t handle, const ConvShape& s, DType t, const std
   (void)cudnnBackendSetAttribute(g.graph.get(), CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
   const cudnnStatus_t st = cudnnBackendFinalize(g.graph.get());
   if (st != CUDNN_STATUS_SUCCESS) {
-    throw_if_out_of_memory(st, "cudnnBackendFinalize(operation graph)");
+    throw_unless_refusal(st, "cudnnBackendFinalize(operation graph)");
     g.refused = "operation graph not finalized: " + status_text(st);
   }
   return g;
@@ -267,28 +277,28 @@ OpGraph build_graph(cudnnHandle_t handle, const ConvShape& s, DType t, const std
 
 // The engine configs heuristics `mode` proposes for a finalized graph, best first (empty, with
 // `why`, when the heuristics have none).
-std::vector<Desc> heuristic_configs(const Desc& graph, cudnnBackendHeurMode_t mode, std::string& why) {
+std::vector<EngineConfig> heuristic_configs(const Desc& graph, cudnnBackendHeurMode_t mode, std::string& why) {
   Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
   DDIM_SET(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, graph.addr());
   DDIM_SET(heur, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode);
   const cudnnStatus_t st = cudnnBackendFinalize(heur.get());
   if (st != CUDNN_STATUS_SUCCESS) {
-    throw_if_out_of_memory(st, "cudnnBackendFinalize(engine heuristics)");
+    throw_unless_refusal(st, "cudnnBackendFinalize(engine heuristics)");
     why = "heuristics not finalized: " + status_text(st);
     return {};
   }
   std::int64_t count = 0;
   DDIM_CUDNN_CHECK(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0,
                                             &count, nullptr));
-  std::vector<Desc> configs;
+  std::vector<EngineConfig> configs;
   if (count <= 0) {
     why = "the heuristics proposed no engine config";
     return configs;
   }
   std::vector<cudnnBackendDescriptor_t> raw;
   for (std::int64_t i = 0; i < count; ++i) {
-    configs.emplace_back(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR);
-    raw.push_back(configs.back().get());
+    configs.push_back(EngineConfig{Desc(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR), Desc()});
+    raw.push_back(configs.back().config.get());
   }
   std::int64_t got = 0;
   DDIM_CUDNN_CHECK(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
@@ -301,11 +311,11 @@ std::vector<Desc> heuristic_configs(const Desc& graph, cudnnBackendHeurMode_t mo
 // Every engine of the graph by global index, each with its default knobs: the last resort when
 // neither heuristics mode proposes a config that builds (the engines' own finalize filters the
 // ones that do not support the graph).
-std::vector<Desc> scan_configs(const Desc& graph, std::string& why) {
+std::vector<EngineConfig> scan_configs(const Desc& graph, std::string& why) {
   std::int64_t count = 0, n = 0;
   DDIM_CUDNN_CHECK(cudnnBackendGetAttribute(graph.get(), CUDNN_ATTR_OPERATIONGRAPH_ENGINE_GLOBAL_COUNT, CUDNN_TYPE_INT64,
                                             1, &n, &count));
-  std::vector<Desc> configs;
+  std::vector<EngineConfig> configs;
   int refused = 0;
   std::string first;
   for (std::int64_t i = 0; i < count; ++i) {
@@ -320,11 +330,11 @@ std::vector<Desc> scan_configs(const Desc& graph, std::string& why) {
       st = cudnnBackendFinalize(config.get());
     }
     if (st != CUDNN_STATUS_SUCCESS) {
-      throw_if_out_of_memory(st, "cudnnBackendFinalize(engine)");
+      throw_unless_refusal(st, "cudnnBackendFinalize(engine)");
       if (refused++ == 0) first = "engine " + std::to_string(i) + ": " + status_text(st);
       continue;
     }
-    configs.push_back(std::move(config));
+    configs.push_back(EngineConfig{std::move(config), std::move(engine)});
   }
   if (configs.empty())
     why = std::to_string(count) + " engines, none supports the graph" + (first.empty() ? "" : " (" + first + ")");
@@ -395,7 +405,7 @@ EngineInfo engine_info(const Desc& config, DType t) {
 
 // A finalized execution plan and what it came from.
 struct Candidate {
-  Desc config;
+  EngineConfig config;
   Desc plan;
   EngineInfo engine;
   std::size_t workspace = 0;
@@ -404,17 +414,17 @@ struct Candidate {
 };
 
 // The execution plan of one engine config, or nothing (with `why`) when cuDNN refuses it.
-std::optional<Candidate> make_plan(cudnnHandle_t handle, Desc config, std::string& why) {
+std::optional<Candidate> make_plan(cudnnHandle_t handle, EngineConfig config, std::string& why) {
   Candidate c;
   c.plan = Desc(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
-  DDIM_SET(c.plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, config.addr());
+  DDIM_SET(c.plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, config.config.addr());
   // The plan's handle: marked deprecated in cuDNN 9.19's header; current cudnn-frontend builds
   // plans without it (the engine config carries the graph and its device). Set when accepted, a
   // refusal is not an error.
   (void)cudnnBackendSetAttribute(c.plan.get(), CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
   const cudnnStatus_t st = cudnnBackendFinalize(c.plan.get());
   if (st != CUDNN_STATUS_SUCCESS) {
-    throw_if_out_of_memory(st, "cudnnBackendFinalize(execution plan)");
+    throw_unless_refusal(st, "cudnnBackendFinalize(execution plan)");
     why = status_text(st);
     return std::nullopt;
   }
@@ -464,20 +474,19 @@ Binding bind(const std::vector<Add>& adds, int fused, const void* x, const void*
 }
 
 // Temporary device memory for autotuning, filled with a constant non-zero pattern (finite in
-// every element type: 0x3C3C is 1.06 in fp16, 0.0115 in bf16; 0x3C3C3C3C is 0.0115 in fp32).
+// every element type: 0x3C3C is 1.06 in fp16, 0.0115 in bf16; 0x3C3C3C3C is 0.0115 in fp32) on the
+// stream the timed runs use, so they read it in order (no device-wide synchronisation: that
+// would invalidate another thread's stream capture).
 class Scratch {
  public:
-  explicit Scratch(std::size_t bytes) {
+  Scratch(std::size_t bytes, cudaStream_t stream) {
     bytes = std::max<std::size_t>(bytes, 256);
     DDIM_CUDA_CHECK(cudaMalloc(&p_, bytes));
-    // cudaMemset runs on the legacy default stream, which does not order the executor's
-    // non-blocking stream: wait for it before any timed run reads the buffer.
-    const cudaError_t e = cudaMemset(p_, 0x3C, bytes);
-    const cudaError_t s = e == cudaSuccess ? cudaDeviceSynchronize() : e;
-    if (s != cudaSuccess) {
+    const cudaError_t e = cudaMemsetAsync(p_, 0x3C, bytes, stream);
+    if (e != cudaSuccess) {
       (void)cudaFree(p_);  // a throwing constructor runs no destructor
       p_ = nullptr;
-      throw_cuda(s, "cudaMemset / cudaDeviceSynchronize of the autotuning scratch", __FILE__, __LINE__);
+      throw_cuda(e, "cudaMemsetAsync of the autotuning scratch", __FILE__, __LINE__);
     }
   }
   ~Scratch() {
@@ -536,7 +545,10 @@ std::string describe(const ConvShape& s, DType t, const ConvEpilogue& e) {
   return d;
 }
 
-CudnnHandle::CudnnHandle() { DDIM_CUDNN_CHECK(cudnnCreate(&handle_)); }
+CudnnHandle::CudnnHandle() {
+  preload_cudnn_sublibraries();
+  DDIM_CUDNN_CHECK(cudnnCreate(&handle_));
+}
 CudnnHandle::~CudnnHandle() {
   if (handle_) (void)cudnnDestroy(handle_);
 }
@@ -566,7 +578,7 @@ bool CudnnConv::Impl::select(cudnnHandle_t handle, const OpGraph& g, int fused_a
   for (int source = 0; source < 3; ++source) {
     const char* source_name = sources[source];
     std::string heur_why;
-    std::vector<Desc> configs = source == 0   ? heuristic_configs(g.graph, CUDNN_HEUR_MODE_A, heur_why)
+    std::vector<EngineConfig> configs = source == 0   ? heuristic_configs(g.graph, CUDNN_HEUR_MODE_A, heur_why)
                                 : source == 1 ? heuristic_configs(g.graph, CUDNN_HEUR_MODE_FALLBACK, heur_why)
                                               : scan_configs(g.graph, heur_why);
     if (configs.empty()) {
@@ -579,10 +591,12 @@ bool CudnnConv::Impl::select(cudnnHandle_t handle, const OpGraph& g, int fused_a
     std::vector<Candidate> finalized;
     int plan_attempts = 0;
     for (int i = 0; i < total; ++i) {
-      Desc& config = configs[static_cast<std::size_t>(i)];
+      EngineConfig& config = configs[static_cast<std::size_t>(i)];
       EngineInfo info;
       try {
-        info = engine_info(config, dtype);
+        info = engine_info(config.config, dtype);
+      } catch (const CudnnEnvironmentError&) {
+        throw;
       } catch (const Error& e) {
         if (e.code() == ErrorCode::OutOfMemory || e.code() == ErrorCode::DeviceLost) throw;
         ++refused_finalize;  // an engine we cannot inspect is not used
@@ -661,10 +675,10 @@ void CudnnConv::Impl::time_candidates(cudnnHandle_t handle, std::vector<Candidat
   const std::size_t y_bytes = std::size_t(s.n) * s.out_h() * s.out_w() * s.cout * e;
   std::size_t workspace = 0;
   for (const Candidate& c : candidates) workspace = std::max(workspace, c.workspace);
-  Scratch x(x_bytes), w(w_bytes), y(y_bytes), residual(y_bytes), bias(std::size_t(s.cout) * 4),
-      temb(std::size_t(s.n) * s.cout * e), ws(workspace);
   cudaStream_t stream = nullptr;
   DDIM_CUDNN_CHECK(cudnnGetStream(handle, &stream));
+  Scratch x(x_bytes, stream), w(w_bytes, stream), y(y_bytes, stream), residual(y_bytes, stream),
+      bias(std::size_t(s.cout) * 4, stream), temb(std::size_t(s.n) * s.cout * e, stream), ws(workspace, stream);
   const Binding b = bind(adds, fused_adds, x.get(), w.get(), static_cast<const float*>(bias.get()), temb.get(),
                          residual.get(), y.get());
   const Desc vp = variant_pack(b.uids.data(), b.pointers.data(), b.count, ws.get());
@@ -679,7 +693,7 @@ void CudnnConv::Impl::time_candidates(cudnnHandle_t handle, std::vector<Candidat
     }
     DDIM_CUDA_CHECK(cudaStreamSynchronize(stream));  // a device fault surfaces here (DeviceLost)
     if (st != CUDNN_STATUS_SUCCESS) {
-      throw_if_out_of_memory(st, "cudnnBackendExecute (autotuning)");
+      throw_unless_refusal(st, "cudnnBackendExecute (autotuning)");
       ++dropped;
       if (why.empty()) why = "engine " + std::to_string(c.engine.index) + " failed to run: " + status_text(st);
       c.ms = std::numeric_limits<float>::infinity();
@@ -715,6 +729,8 @@ void CudnnConv::Impl::build(cudnnHandle_t handle, bool autotune) {
         }
         return;
       }
+    } catch (const CudnnEnvironmentError&) {
+      throw;
     } catch (const Error& e) {
       // A fused graph cuDNN does not even let us build is one more refusal; the bare
       // convolution must build (a failure there is reported as it is).
@@ -753,6 +769,8 @@ CudnnConv::CudnnConv(cudnnHandle_t handle, const ConvShape& shape, DType dtype, 
     throw Error(ErrorCode::InvalidArgument, m.what + ": output too large");
   try {
     m.build(handle, autotune);
+  } catch (const CudnnEnvironmentError& e) {
+    throw CudnnEnvironmentError(m.what + ": " + e.what());
   } catch (const Error& e) {
     throw Error(e.code(), m.what + ": " + e.what());
   }
@@ -809,31 +827,79 @@ const ConvEpilogue& CudnnConv::epilogue() const noexcept { return impl_->epilogu
 
 // ------------------------------------------------------------------------------------------------
 
-ConvPlanCache::ConvPlanCache() = default;
-ConvPlanCache::~ConvPlanCache() = default;
+ConvPlanCache::ConvPlanCache(int device) : device_(device) {
+  preload_cudnn_sublibraries();
+  DDIM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  const cudnnStatus_t s = cudnnCreate(&handle_);
+  if (s != CUDNN_STATUS_SUCCESS) {
+    handle_ = nullptr;
+    (void)cudaStreamDestroy(stream_);
+    throw_cudnn(s, "cudnnCreate (the convolution plan cache)", __FILE__, __LINE__);
+  }
+  const cudnnStatus_t t = cudnnSetStream(handle_, stream_);
+  if (t != CUDNN_STATUS_SUCCESS) {
+    (void)cudnnDestroy(handle_);
+    (void)cudaStreamDestroy(stream_);
+    throw_cudnn(t, "cudnnSetStream (the convolution plan cache)", __FILE__, __LINE__);
+  }
+}
+
+ConvPlanCache::~ConvPlanCache() {
+  plans_.clear();  // the plans before their handle
+  if (handle_) (void)cudnnDestroy(handle_);
+  if (stream_) (void)cudaStreamDestroy(stream_);
+}
+
+std::shared_ptr<ConvPlanCache> ConvPlanCache::for_device(int device) {
+  const char* env = std::getenv("DDIM_CUDNN_PLAN_CACHE");
+  if (env && std::string(env) == "0") return std::make_shared<ConvPlanCache>(device);
+  static std::mutex mutex;
+  // Never destroyed: cuDNN handles must not be torn down after the CUDA runtime at process exit.
+  static auto* caches = new std::map<int, std::shared_ptr<ConvPlanCache>>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  std::shared_ptr<ConvPlanCache>& slot = (*caches)[device];
+  if (!slot) {
+    slot = std::make_shared<ConvPlanCache>(device);
+    slot->shared_ = true;
+  }
+  return slot;
+}
 
 ConvPlanCache::Key ConvPlanCache::key_of(const ConvShape& s, DType t, const ConvEpilogue& e, bool autotune) {
   return Key{s.n,     s.h,     s.w,     s.cin,   s.cout,         s.kh,   s.kw,           s.stride_h, s.stride_w,
              s.pad_t, s.pad_b, s.pad_l, s.pad_r, static_cast<int>(t), e.bias, e.time_add, e.residual_add, autotune};
 }
 
-const CudnnConv& ConvPlanCache::get(cudnnHandle_t handle, const ConvShape& shape, DType dtype,
-                                    const ConvEpilogue& epilogue, bool autotune) {
+std::shared_ptr<const CudnnConv> ConvPlanCache::get(const ConvShape& shape, DType dtype, const ConvEpilogue& epilogue,
+                                                    bool autotune) {
   const Key key = key_of(shape, dtype, epilogue, autotune);
-  if (const auto it = plans_.find(key); it != plans_.end()) return *it->second;
+  const std::lock_guard<std::mutex> lock(mutex_);
+  if (const auto it = plans_.find(key); it != plans_.end()) return it->second;
   if (const auto it = unsupported_.find(key); it != unsupported_.end()) throw Error(ErrorCode::Unsupported, it->second);
+  int current = -1;
+  DDIM_CUDA_CHECK(cudaGetDevice(&current));
+  if (current != device_)
+    throw Error(ErrorCode::Internal, "cudnn plan cache of device " + std::to_string(device_) + " used on device " +
+                                         std::to_string(current));
   try {
-    auto plan = std::make_unique<CudnnConv>(handle, shape, dtype, epilogue, autotune);
-    const CudnnConv& ref = *plan;
-    plans_.emplace(key, std::move(plan));
-    return ref;
+    auto plan = std::make_shared<const CudnnConv>(handle_, shape, dtype, epilogue, autotune);
+    plans_.emplace(key, plan);
+    return plan;
+  } catch (const CudnnEnvironmentError&) {
+    throw;
   } catch (const Error& e) {
     if (e.code() == ErrorCode::Unsupported) unsupported_.emplace(key, e.what());
     throw;
   }
 }
 
-std::size_t ConvPlanCache::max_workspace_bytes() const noexcept {
+std::size_t ConvPlanCache::size() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  return plans_.size();
+}
+
+std::size_t ConvPlanCache::max_workspace_bytes() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
   std::size_t m = 0;
   for (const auto& [key, plan] : plans_) m = std::max(m, plan->workspace_bytes());
   return m;

@@ -28,6 +28,7 @@
 #include <cstddef>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <tuple>
 
@@ -102,26 +103,41 @@ class CudnnConv {
   std::unique_ptr<Impl> impl_;
 };
 
-// The plans of one executor (one cuDNN handle, one device), built on first use and owned here.
-// An Unsupported failure is remembered: asking again for that key rethrows it without a rebuild.
-// References stay valid for the cache's lifetime. Not thread-safe.
+// The convolution plans of one device, built on first use and kept; shared by every session on
+// the device (a session keeps the plans it uses alive), so only the first session plans each
+// shape (runtime-compiled engines compile once per process, not once per session). Plans are
+// built under the cache's lock with the cache's own cuDNN handle and stream (never a session's:
+// a plan must not outlive the handle it was built with) and executed with each session's handle.
+// An Unsupported failure is remembered: asking again rethrows it without a rebuild. Thread-safe.
+//
+// for_device(d): the process-wide cache of device d (made on first use, never destroyed), or a
+// new private one when the environment sets DDIM_CUDNN_PLAN_CACHE=0 (every session then plans
+// its own convolutions: the way to measure plan time with and without the cache).
 class ConvPlanCache {
  public:
-  ConvPlanCache();
+  static std::shared_ptr<ConvPlanCache> for_device(int device);
+  // A private cache on `device` (the calling thread's current device must be `device`).
+  explicit ConvPlanCache(int device);
   ~ConvPlanCache();
   ConvPlanCache(const ConvPlanCache&) = delete;
   ConvPlanCache& operator=(const ConvPlanCache&) = delete;
 
-  const CudnnConv& get(cudnnHandle_t handle, const ConvShape& shape, DType dtype, const ConvEpilogue& epilogue,
-                       bool autotune = false);
-  std::size_t size() const noexcept { return plans_.size(); }  // plans built (not failures)
-  std::size_t max_workspace_bytes() const noexcept;             // over the plans built
+  std::shared_ptr<const CudnnConv> get(const ConvShape& shape, DType dtype, const ConvEpilogue& epilogue, bool autotune = false);
+  std::size_t size() const;                // plans built (not failures)
+  std::size_t max_workspace_bytes() const;  // over the plans built
+  int device() const noexcept { return device_; }
+  bool shared() const noexcept { return shared_; }
 
  private:
   using Key = std::tuple<int, int, int, int, int, int, int, int, int, int, int, int, int,  // the ConvShape
                          int, bool, bool, bool, bool>;  // dtype, bias, time_add, residual_add, autotune
   static Key key_of(const ConvShape& s, DType t, const ConvEpilogue& e, bool autotune);
-  std::map<Key, std::unique_ptr<CudnnConv>> plans_;
+  int device_;
+  bool shared_ = false;
+  cudnnHandle_t handle_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  mutable std::mutex mutex_;
+  std::map<Key, std::shared_ptr<const CudnnConv>> plans_;
   std::map<Key, std::string> unsupported_;  // the Unsupported message of keys that failed
 };
 

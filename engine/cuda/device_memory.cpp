@@ -8,7 +8,7 @@
 #include <mutex>
 #include <tuple>
 
-#include "cpu/cpu_backend.hpp"
+#include "plan/host_plan.hpp"
 #include "cuda/check.hpp"
 
 namespace ddim::cuda {
@@ -109,7 +109,7 @@ class Staging {
 std::shared_ptr<DeviceWeights> upload(const Model& model, int device, DType t) {
   const Model::Impl& m = model.impl();
   const graph::Graph& g = m.graph;
-  const std::vector<cpu::NodeWeights> w = cpu::resolve_node_weights(g, m);
+  const std::vector<plan::NodeWeights> w = plan::resolve_node_weights(g, m);
   Staging st(t);
   constexpr std::size_t kNone = std::size_t(-1);
   struct Offsets {
@@ -123,32 +123,32 @@ std::shared_ptr<DeviceWeights> upload(const Model& model, int device, DType t) {
     const auto& x = g.values[n.inputs[0]];
     switch (n.op) {
       case Op::Conv2d:
-        off[i].weight = st.conv_krsc(p[cpu::kWeight], n.out_channels, x.c, n.kernel_h, n.kernel_w);
-        if (p[cpu::kBias]) off[i].bias = st.f32(p[cpu::kBias], std::size_t(n.out_channels));
+        off[i].weight = st.conv_krsc(p[plan::kWeight], n.out_channels, x.c, n.kernel_h, n.kernel_w);
+        if (p[plan::kBias]) off[i].bias = st.f32(p[plan::kBias], std::size_t(n.out_channels));
         break;
       case Op::Linear:
-        off[i].weight = st.typed(p[cpu::kWeight], std::size_t(n.out_features) * std::size_t(x.c));
-        if (p[cpu::kBias]) off[i].bias = st.f32(p[cpu::kBias], std::size_t(n.out_features));
+        off[i].weight = st.typed(p[plan::kWeight], std::size_t(n.out_features) * std::size_t(x.c));
+        if (p[plan::kBias]) off[i].bias = st.f32(p[plan::kBias], std::size_t(n.out_features));
         break;
       case Op::GroupNorm:
         // Both are optional in the IR (ir.cpp: no required params). An absent gamma must stay a
         // null pointer (the kernel then uses 1, like the CPU); st.f32(nullptr) would upload zeros.
-        if (p[cpu::kWeight]) off[i].gamma = st.f32(p[cpu::kWeight], std::size_t(x.c));
-        if (p[cpu::kBias]) off[i].beta = st.f32(p[cpu::kBias], std::size_t(x.c));
+        if (p[plan::kWeight]) off[i].gamma = st.f32(p[plan::kWeight], std::size_t(x.c));
+        if (p[plan::kBias]) off[i].beta = st.f32(p[plan::kBias], std::size_t(x.c));
         break;
       case Op::Attention: {
         const std::size_t d = std::size_t(n.inner_dim ? n.inner_dim : x.c), c = std::size_t(x.c);
         std::vector<float> qkv(3 * d * c), b(3 * d, 0.f);
-        std::memcpy(qkv.data(), p[cpu::kQWeight], d * c * 4);
-        std::memcpy(qkv.data() + d * c, p[cpu::kKWeight], d * c * 4);
-        std::memcpy(qkv.data() + 2 * d * c, p[cpu::kVWeight], d * c * 4);
-        if (p[cpu::kQBias]) std::memcpy(b.data(), p[cpu::kQBias], d * 4);
-        if (p[cpu::kKBias]) std::memcpy(b.data() + d, p[cpu::kKBias], d * 4);
-        if (p[cpu::kVBias]) std::memcpy(b.data() + 2 * d, p[cpu::kVBias], d * 4);
+        std::memcpy(qkv.data(), p[plan::kQWeight], d * c * 4);
+        std::memcpy(qkv.data() + d * c, p[plan::kKWeight], d * c * 4);
+        std::memcpy(qkv.data() + 2 * d * c, p[plan::kVWeight], d * c * 4);
+        if (p[plan::kQBias]) std::memcpy(b.data(), p[plan::kQBias], d * 4);
+        if (p[plan::kKBias]) std::memcpy(b.data() + d, p[plan::kKBias], d * 4);
+        if (p[plan::kVBias]) std::memcpy(b.data() + 2 * d, p[plan::kVBias], d * 4);
         off[i].w_qkv = st.typed(qkv.data(), qkv.size());
         off[i].b_qkv = st.f32(b.data(), b.size());
-        off[i].w_out = st.typed(p[cpu::kOutWeight], c * d);
-        if (p[cpu::kOutBias]) off[i].b_out = st.f32(p[cpu::kOutBias], c);
+        off[i].w_out = st.typed(p[plan::kOutWeight], c * d);
+        if (p[plan::kOutBias]) off[i].b_out = st.f32(p[plan::kOutBias], c);
         break;
       }
       default: break;  // no parameters
@@ -158,12 +158,21 @@ std::shared_ptr<DeviceWeights> upload(const Model& model, int device, DType t) {
   dw->device = device;
   dw->dtype = t;
   dw->storage = DeviceBuffer(st.bytes().size(), "the model weights (" + std::string(to_string(t)) + ")");
-  DDIM_CUDA_CHECK(cudaMemcpy(dw->storage.get(), st.bytes().data(), st.bytes().size(), cudaMemcpyHostToDevice));
-  // cudaMemcpy from pageable memory may return before the DMA has landed (CUDA's "API
-  // synchronization behavior"), and it runs on the legacy default stream, which does not order
-  // the executors' cudaStreamNonBlocking streams: wait here so that no session reads the weights
-  // early.
-  DDIM_CUDA_CHECK(cudaDeviceSynchronize());
+  // On a private stream, waited for: cudaMemcpy from pageable memory may return before the DMA
+  // has landed (CUDA's "API synchronization behavior") and the legacy stream does not order the
+  // executors' non-blocking streams; and a device-wide synchronisation would invalidate a stream
+  // capture running on another thread. When this returns the weights are on the device.
+  {
+    struct Stream {
+      cudaStream_t s = nullptr;
+      ~Stream() {
+        if (s) (void)cudaStreamDestroy(s);
+      }
+    } upload;
+    DDIM_CUDA_CHECK(cudaStreamCreateWithFlags(&upload.s, cudaStreamNonBlocking));
+    DDIM_CUDA_CHECK(cudaMemcpyAsync(dw->storage.get(), st.bytes().data(), st.bytes().size(), cudaMemcpyHostToDevice, upload.s));
+    DDIM_CUDA_CHECK(cudaStreamSynchronize(upload.s));
+  }
   const auto at = [&](std::size_t o) -> void* {
     return o == kNone ? nullptr : static_cast<unsigned char*>(dw->storage.get()) + o;
   };

@@ -116,6 +116,11 @@ void ddim_step(const StepLaunch& s, DType t, cudaStream_t stream);
 // x0 (n, hw, c) fp32 = the unclipped x0 prediction of this step (params[*step_index]), the input
 // of the dynamic-thresholding quantile.
 void ddim_pred_x0_all(const StepLaunch& s, DType t, float* x0, cudaStream_t stream);
+// Loads every kernel one sampling step launches for element type t (gather_rows, ddim_step,
+// ddim_pred_x0_all, advance_step, the dynamic-thresholding kernels) with cudaFuncGetAttributes,
+// so that none is launched for the first time inside a stream capture (CUDA's lazy loading would
+// load its module there). Synchronous; call before capturing.
+void load_sampling_kernels(DType t);
 // *step_index += 1 (one thread, so that a graph replay advances the step on the device).
 void advance_step(int* step_index, cudaStream_t stream);
 // y (rows, cols) of type t = (y + bias[col]) / divisor; bias fp32 (may be null: divide only).

@@ -36,4 +36,8 @@ std::size_t dynamic_threshold_scratch_bytes(int n, std::size_t E);
 void dynamic_thresholds(const float* x0, int n, std::size_t E, double ratio, double max_value, float* thresholds,
                         void* scratch, std::size_t scratch_bytes, cudaStream_t stream);
 
+// Loads the two kernels dynamic_thresholds launches (cudaFuncGetAttributes): see
+// load_sampling_kernels (cuda/kernels.hpp).
+void load_threshold_kernels();
+
 }  // namespace ddim::cuda

@@ -147,8 +147,11 @@ Session::~Session() = default;
 
 std::unique_ptr<Session> Session::create(std::shared_ptr<const Model> model, const SessionOptions& options) {
   if (!model) throw Error(ErrorCode::InvalidArgument, "Session::create: model is null");
-  if (options.batch < 1 || options.batch > 65536)
-    throw Error(ErrorCode::InvalidArgument, "batch must be in [1, 65536], got " + std::to_string(options.batch));
+  // One limit for every backend: the CUDA kernels put the batch on a grid's y or z dimension
+  // (attention, dynamic thresholding), which holds at most 65535 blocks.
+  if (options.batch < 1 || options.batch > kMaxBatch)
+    throw Error(ErrorCode::InvalidArgument,
+                "batch must be in [1, " + std::to_string(kMaxBatch) + "], got " + std::to_string(options.batch));
   if (options.threads < 0 || options.threads > 1024)
     throw Error(ErrorCode::InvalidArgument, "threads must be in [0, 1024], got " + std::to_string(options.threads));
   if ((options.height == 0) != (options.width == 0))

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cpu/cpu_backend.hpp"
+#include "plan/host_plan.hpp"
 #include "cpu/ops.hpp"
 #include "ddim/ddim.hpp"
 #include "graph/ir.hpp"
@@ -278,12 +279,12 @@ TEST_CASE("conv epilogue fusion: the fused graph run on the CPU equals the unfus
 
   const graph::TimeFolding fold = graph::fold_time_only(g);
   const graph::MemoryPlan mem = graph::plan_memory(g, fold, n, sizeof(float), 256, {g.sample});
-  const std::vector<cpu::NodeWeights> all = cpu::resolve_node_weights(model->impl().graph, model->impl());
-  std::vector<cpu::NodeWeights> weights;
+  const std::vector<plan::NodeWeights> all = plan::resolve_node_weights(model->impl().graph, model->impl());
+  std::vector<plan::NodeWeights> weights;
   for (int i : fused.node_of) weights.push_back(all[std::size_t(i)]);
   const std::vector<int> t{700, 12};
   const std::vector<int> distinct{12, 700};
-  const auto tables = cpu::evaluate_time_tables(g, fold, weights, distinct);
+  const auto tables = plan::evaluate_time_tables(g, fold, weights, distinct);
 
   std::vector<float> arena(mem.arena_bytes / sizeof(float), std::nanf(""));
   auto at = [&](int v) {

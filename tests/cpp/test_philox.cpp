@@ -16,8 +16,8 @@
 #include "kernels/philox.h"
 #include "sampler/noise.hpp"
 
-#ifndef DDIM_SHARED_DATA_DIR
-#error "the test build defines DDIM_SHARED_DATA_DIR (the directory of philox4x32_10_kat.txt)"
+#ifndef DDIM_TEST_DATA_DIR
+#error "the test build defines DDIM_TEST_DATA_DIR (tests/data: philox4x32_10_kat.txt)"
 #endif
 
 namespace {
@@ -34,7 +34,7 @@ std::uint32_t bits(float f) {
 }  // namespace
 
 TEST_CASE("philox: Random123 known-answer vectors") {
-  const std::string path = DDIM_SHARED_DATA_DIR "/philox4x32_10_kat.txt";
+  const std::string path = DDIM_TEST_DATA_DIR "/philox4x32_10_kat.txt";
   std::ifstream in(path);
   if (!in) FAIL("cannot open the Philox known-answer vectors at " << path);
   int checked = 0;

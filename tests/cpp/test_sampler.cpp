@@ -212,6 +212,9 @@ TEST_CASE("sampler: bad arguments are clear errors") {
   so.precision = Precision::Auto;
   so.batch = 0;
   CHECK_THROWS_AS(Session::create(model, so), Error);
+  so.batch = kMaxBatch + 1;  // 65536: one past what a CUDA grid dimension holds
+  CHECK(kMaxBatch == 65535);
+  CHECK_THROWS_WITH_AS(Session::create(model, so), doctest::Contains("[1, 65535]"), Error);
   std::vector<float> x(2 * kE);
   std::vector<int> t{1000};
   CHECK_THROWS_WITH_AS(s->forward(x, t), doctest::Contains("timestep 1000"), Error);

@@ -36,13 +36,22 @@ class DevBytes {
   explicit DevBytes(std::size_t bytes) : bytes_(bytes) {
     GPU_CHECK(cudaMalloc(&base_, bytes + 2 * kGuard));
     GPU_CHECK(cudaMemset(base_, kPattern, bytes + 2 * kGuard));
+    GPU_CHECK(cudaStreamSynchronize(nullptr));
   }
   ~DevBytes() { cudaFree(base_); }
   DevBytes(const DevBytes&) = delete;
   DevBytes& operator=(const DevBytes&) = delete;
   void* data() const { return static_cast<unsigned char*>(base_) + kGuard; }
   std::size_t bytes() const { return bytes_; }
-  void upload(const void* host) { GPU_CHECK(cudaMemcpy(data(), host, bytes_, cudaMemcpyHostToDevice)); }
+  void upload(const void* host) {
+    GPU_CHECK(cudaMemcpy(data(), host, bytes_, cudaMemcpyHostToDevice));
+    GPU_CHECK(cudaStreamSynchronize(nullptr));
+  }
+  // Every byte of the buffer (not the guards) set to `byte`, complete on return.
+  void fill(int byte) {
+    GPU_CHECK(cudaMemset(data(), byte, bytes_));
+    GPU_CHECK(cudaStreamSynchronize(nullptr));
+  }
   void download(void* host) const { GPU_CHECK(cudaMemcpy(host, data(), bytes_, cudaMemcpyDeviceToHost)); }
   // True when both guard regions still hold the pattern.
   bool guards_intact() const {
@@ -61,6 +70,20 @@ class DevBytes {
 };
 
 inline std::size_t dsize(DType t) { return t == DType::F32 ? 4 : 2; }
+
+// Under the CUDA emulator (tests/emu, the CTest test gpu_emu) the suite runs on the CPU, with every
+// check on: a case whose GPU size would take minutes there runs at a smaller size instead, with
+// the same code paths (the same kernels, buckets and branches). on_gpu_or_emulated(gpu, emu)
+// picks the size; the README lists the cases it shrinks.
+#if defined(DDIM_CUDA_EMU)
+inline constexpr bool kEmulated = true;
+#else
+inline constexpr bool kEmulated = false;
+#endif
+template <class T>
+constexpr T on_gpu_or_emulated(T gpu, T emulated) {
+  return kEmulated ? emulated : gpu;
+}
 
 // Host float values rounded to the element type, as raw bytes.
 inline std::vector<unsigned char> encode(const std::vector<float>& x, DType t) {

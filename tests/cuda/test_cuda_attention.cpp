@@ -2,6 +2,8 @@
 // reference, for fp32 / fp16 / bf16 at the U-Net's shapes and at the layout corner cases: ragged
 // token counts and head dims, several heads, a fused qkv buffer, padded row strides, 4096 tokens,
 // batch independence (bitwise), guard bytes, and the shape errors. Suite "gpu": needs a device.
+// Under the CUDA emulator (gpu_emu) the token counts shrink (tokens(gpu, emulated)): the cost
+// there grows with tokens^2, and a few key tiles exercise the same paths as many.
 //
 // The reference runs on the inputs rounded to the element type (g::rounded), exactly the values
 // the device reads, so the only differences are the kernel's own arithmetic and the final rounding
@@ -235,6 +237,12 @@ void check_all_types(const Problem& p) {
   for (DType t : kTypes) check_problem(p, t);
 }
 
+// The token count of a case: `gpu` on a GPU, `emulated` under the emulator (said in the log).
+int tokens(int gpu, int emulated) {
+  if (g::kEmulated && gpu != emulated) MESSAGE("emulated at " << emulated << " tokens (" << gpu << " on a GPU)");
+  return g::on_gpu_or_emulated(gpu, emulated);
+}
+
 // The ddim::Error that f throws (code and message), or fails the test when it throws none.
 template <class F>
 Error error_of(F&& f) {
@@ -252,7 +260,7 @@ Error error_of(F&& f) {
 TEST_SUITE("gpu") {
   TEST_CASE("cuda attention: 256 tokens x 256 channels as 1 head of 256") {
     Problem p;
-    p.tokens = 256;
+    p.tokens = tokens(256, 64);
     p.heads = 1;
     p.head_dim = 256;
     p.seed = 11;
@@ -261,7 +269,7 @@ TEST_SUITE("gpu") {
 
   TEST_CASE("cuda attention: 256 tokens x 256 channels as 8 heads of 32") {
     Problem p;
-    p.tokens = 256;
+    p.tokens = tokens(256, 96);
     p.heads = 8;
     p.head_dim = 32;
     p.seed = 12;
@@ -270,7 +278,7 @@ TEST_SUITE("gpu") {
 
   TEST_CASE("cuda attention: 256 tokens x 512 channels as 1 head of 512") {
     Problem p;
-    p.tokens = 256;
+    p.tokens = tokens(256, 64);
     p.heads = 1;
     p.head_dim = 512;
     p.seed = 13;
@@ -279,7 +287,7 @@ TEST_SUITE("gpu") {
 
   TEST_CASE("cuda attention: 1024 tokens x 64, 1 head") {
     Problem p;
-    p.tokens = 1024;
+    p.tokens = tokens(1024, 160);
     p.heads = 1;
     p.head_dim = 64;
     p.seed = 14;
@@ -288,7 +296,7 @@ TEST_SUITE("gpu") {
 
   TEST_CASE("cuda attention: 4096 tokens x 64, 1 head, batch 1") {
     Problem p;
-    p.tokens = 4096;
+    p.tokens = tokens(4096, 288);
     p.heads = 1;
     p.head_dim = 64;
     p.seed = 15;
@@ -306,7 +314,7 @@ TEST_SUITE("gpu") {
 
   TEST_CASE("cuda attention: peaked scores (|q|, |k| <= 4) move the running max across tiles") {
     Problem p;
-    p.tokens = 300;
+    p.tokens = tokens(300, 130);
     p.heads = 2;
     p.head_dim = 64;
     p.qk_amp = 4.f;
@@ -328,7 +336,7 @@ TEST_SUITE("gpu") {
   TEST_CASE("cuda attention: fused qkv buffer (ld = 3 * heads * head_dim) and a padded o") {
     Problem p;
     p.n = 2;
-    p.tokens = 100;
+    p.tokens = tokens(100, 70);
     p.heads = 2;
     p.head_dim = 64;
     p.fused = true;
@@ -340,7 +348,7 @@ TEST_SUITE("gpu") {
   TEST_CASE("cuda attention: batch 2, sample 1 alone equals sample 1 in the batch bitwise") {
     Problem p;
     p.n = 2;
-    p.tokens = 130;
+    p.tokens = tokens(130, 70);
     p.heads = 2;
     p.head_dim = 48;
     p.seed = 20;
@@ -360,6 +368,26 @@ TEST_SUITE("gpu") {
       const std::size_t bytes = alone.raw.size();
       REQUIRE(batch.raw.size() == 2 * bytes);
       CHECK(std::memcmp(alone.raw.data(), batch.raw.data() + bytes, bytes) == 0);
+    }
+  }
+
+  TEST_CASE("cuda attention: head dims 80 and 128 (the 128 bucket), 160 and 320 (padded 256 and 512 buckets)") {
+    // The buckets' other widths: a dim inside the 128 bucket and one filling it, and dims that
+    // leave half of the 256 / 512 buckets as zero padding, one of them with padded rows (the
+    // scalar loads) and a padded o.
+    struct Shape {
+      int heads, head_dim, ld_pad, ld_o_pad;
+    };
+    for (const Shape& sh : {Shape{2, 80, 0, 0}, Shape{1, 128, 0, 0}, Shape{2, 160, 2, 4}, Shape{1, 320, 0, 0}}) {
+      CAPTURE(sh.head_dim);
+      Problem p;
+      p.tokens = tokens(96, 48);
+      p.heads = sh.heads;
+      p.head_dim = sh.head_dim;
+      p.ld_pad = sh.ld_pad;
+      p.ld_o_pad = sh.ld_o_pad;
+      p.seed = 21 + std::uint32_t(sh.head_dim);
+      check_all_types(p);
     }
   }
 

@@ -1,6 +1,8 @@
 // The CUDA backend as a whole (suite "gpu"): sessions on the GPU against the CPU reference,
 // determinism (repeated runs, graph replay vs eager), the per-step kernels bitwise equal to the
 // host's shared math, batch independence, errors. Needs a CUDA device; see tests/cpp/main.cpp.
+// Under the CUDA emulator (gpu_emu) the "small" U-Net is smaller and samples take fewer steps
+// (g::on_gpu_or_emulated): the same code paths at a cost the CPU affords.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -19,9 +21,11 @@
 #include "kernels/philox.h"
 #include "sampler/noise.hpp"
 #include "schedule/ddim_params.hpp"
+#include "kernels/ddim_step.h"
 
 using namespace ddim;
 namespace g = ddim::test::gpu;
+using cuda::DType;
 
 namespace {
 
@@ -45,13 +49,65 @@ double max_abs(std::span<const float> a) {
 }
 
 // A smaller model of the cifar10-32 kind: 32x32, 3 levels with attention at 16x16, 32 groups.
-std::shared_ptr<const Model> small_unet_model() {
+// Emulated: 16x8 (not square), 32 channels in groups of 4, attention at 8x4 as 2 heads of 16.
+std::shared_ptr<const Model> small_unet_model(ScheduleConfig schedule = {}) {
   graph::UNetConfig c;
-  c.block_out_channels = {64, 128, 128};
+  c.block_out_channels = g::on_gpu_or_emulated(std::vector<int>{64, 128, 128}, std::vector<int>{32, 32, 32});
   c.down_attention = {false, true, false};
   c.layers_per_block = 1;
-  c.attention_head_dim = 32;
-  return Model::load_from_memory(graph::make_random_model_file(c, ScheduleConfig{}, 11), "small");
+  c.attention_head_dim = g::on_gpu_or_emulated(32, 16);
+  c.norm_num_groups = g::on_gpu_or_emulated(32, 8);
+  c.sample_height = g::on_gpu_or_emulated(32, 16);
+  c.sample_width = g::on_gpu_or_emulated(32, 8);
+  return Model::load_from_memory(graph::make_random_model_file(c, schedule, 11), "small");
+}
+
+// The session's warnings about CUDA graphs (a capture that failed and fell back to eager steps).
+// (Under the emulator every session also warns that cuDNN is not used.)
+std::vector<std::string> graph_warnings(const Session& s) {
+  std::vector<std::string> w;
+  for (const std::string& text : s.plan_info().warnings)
+    if (text.find("CUDA graph") != std::string::npos) w.push_back(text);
+  return w;
+}
+
+std::shared_ptr<const Model> preset_model(const graph::UNetConfig& c) {
+  return Model::load_from_memory(graph::make_random_model_file(c, ScheduleConfig{}, 0), "preset");
+}
+
+// Compares every node the GPU session reports with the CPU's (same inputs), each against its own
+// largest magnitude; names the first node whose relative difference is above `bound`.
+void compare_dumps(std::shared_ptr<const Model> model, Precision p, double bound) {
+  const int n = 2;
+  const std::size_t E = std::size_t(model->info().in_channels) * model->info().height * model->info().width;
+  const auto x = g::random_vector(n * E, 21, -1.f, 1.f);
+  const std::vector<int> t{640, 3};
+  std::map<std::string, std::vector<float>> cpu_values;
+  test::cpu_session(model, n)->forward(x, t, [&](const std::string& name, const std::vector<std::int64_t>&,
+                                                 std::span<const float> v) { cpu_values[name].assign(v.begin(), v.end()); });
+  int compared = 0;
+  std::string first_bad;
+  double worst = 0;
+  auto gpu = cuda_session(model, n, p);
+  const auto out = gpu->forward(x, t, [&](const std::string& name, const std::vector<std::int64_t>& shape,
+                                          std::span<const float> v) {
+    const auto it = cpu_values.find(name);
+    REQUIRE_MESSAGE(it != cpu_values.end(), name);
+    REQUIRE(it->second.size() == v.size());
+    std::int64_t count = 1;
+    for (auto d : shape) count *= d;
+    CHECK(std::size_t(count) == v.size());
+    const auto d = g::compare(std::vector<float>(v.begin(), v.end()), it->second);
+    const double rel = d.max_abs / std::max(max_abs(it->second), 1e-6);
+    worst = std::max(worst, rel);
+    if ((rel > bound || d.non_finite) && first_bad.empty()) first_bad = name;
+    ++compared;
+  });
+  MESSAGE("per-node dumps " << to_string(p) << ": " << compared << " nodes compared, worst relative diff " << worst
+                            << (first_bad.empty() ? "" : ", first above the bound: " + first_bad));
+  CHECK(first_bad.empty());
+  CHECK(compared > 20);
+  CHECK(out.size() == std::size_t(n) * E);
 }
 
 }  // namespace
@@ -140,57 +196,62 @@ TEST_SUITE("gpu") {
     }
   }
 
-  TEST_CASE("cuda: per-node dumps on the GPU (fp32) follow the CPU's, node by node") {
-    // Localises a wrong kernel: the first node whose output leaves 1e-4 of its own largest
-    // magnitude is named. Fused convolutions report under their add's name (the conv's own
-    // output never exists on the GPU).
+  TEST_CASE("cuda: per-node dumps on the GPU (fp32 and fp16) follow the CPU's, node by node") {
+    // Localises a wrong kernel: the first node whose output leaves 1e-4 (fp32) or 1e-2 (fp16) of
+    // its own largest magnitude is named. Fused convolutions report under their add's name (the
+    // conv's own output never exists on the GPU).
+    compare_dumps(small_unet_model(), Precision::FP32, 1e-4);
+    compare_dumps(small_unet_model(), Precision::FP16, 1e-2);
+  }
+
+  TEST_CASE("cuda: forward in fp16 and bf16 stays close to the CPU's at several timesteps") {
+    // Bounds (max abs difference over the output, relative to its largest magnitude): fp16 1e-2,
+    // bf16 4e-2 (bf16 keeps 8 bits of mantissa against fp16's 11: 8x the rounding of every
+    // activation and weight, through ~20 layers).
     auto model = small_unet_model();
     const int n = 2;
     const std::size_t E = std::size_t(model->info().in_channels) * model->info().height * model->info().width;
-    const auto x = g::random_vector(n * E, 21, -1.f, 1.f);
-    const std::vector<int> t{640, 3};
-    std::map<std::string, std::vector<float>> cpu_values;
-    test::cpu_session(model, n)->forward(x, t, [&](const std::string& name, const std::vector<std::int64_t>&,
-                                                   std::span<const float> v) { cpu_values[name].assign(v.begin(), v.end()); });
-    int compared = 0;
-    std::string first_bad;
-    double worst = 0;
-    auto gpu = cuda_session(model, n);
-    const auto out = gpu->forward(x, t, [&](const std::string& name, const std::vector<std::int64_t>& shape,
-                                            std::span<const float> v) {
-      const auto it = cpu_values.find(name);
-      REQUIRE_MESSAGE(it != cpu_values.end(), name);
-      REQUIRE(it->second.size() == v.size());
-      std::int64_t count = 1;
-      for (auto d : shape) count *= d;
-      CHECK(std::size_t(count) == v.size());
-      const auto d = g::compare(std::vector<float>(v.begin(), v.end()), it->second);
-      const double rel = d.max_abs / std::max(max_abs(it->second), 1e-6);
-      worst = std::max(worst, rel);
-      if ((rel > 1e-4 || d.non_finite) && first_bad.empty()) first_bad = name;
-      ++compared;
-    });
-    MESSAGE("per-node dumps: " << compared << " nodes compared, worst relative diff " << worst
-                               << (first_bad.empty() ? "" : ", first above 1e-4: " + first_bad));
-    CHECK(first_bad.empty());
-    CHECK(compared > 20);
-    CHECK(out.size() == std::size_t(n) * E);
+    auto cpu = test::cpu_session(model, n);
+    for (Precision p : {Precision::FP16, Precision::BF16}) {
+      auto gpu = cuda_session(model, n, p);
+      const double bound = p == Precision::FP16 ? 1e-2 : 4e-2;
+      for (const std::vector<int>& t : {std::vector<int>{999, 990}, std::vector<int>{500, 250}, std::vector<int>{10, 0}}) {
+        CAPTURE(to_string(p));
+        CAPTURE(t[0]);
+        const auto x = g::random_vector(n * E, 40 + std::uint32_t(t[0]), -1.5f, 1.5f);
+        const auto ref = cpu->forward(x, t), got = gpu->forward(x, t);
+        const auto d = g::compare(got, ref);
+        MESSAGE(to_string(p) << " forward at t = " << t[0] << "," << t[1] << ": max abs diff " << d.max_abs << " = "
+                             << d.max_abs / max_abs(ref) << " of max |ref|");
+        CHECK(d.non_finite == 0);
+        CHECK(d.max_abs <= bound * max_abs(ref));
+      }
+    }
   }
 
-  TEST_CASE("cuda: a 50-step sample, fp32 on the GPU vs the CPU, same seed") {
-    // Measured bound to be stated in the gpu-check report; the check here is 1e-3 absolute on
-    // samples of magnitude ~1 (clip_sample on keeps x0 in [-1, 1]).
-    auto model = small_unet_model();
-    auto cpu = test::cpu_session(model, 2);
-    auto gpu = cuda_session(model, 2);
-    SampleOptions o;
-    o.steps = 50;
-    o.seed = 42;
-    const auto ref = cpu->sample(o), got = gpu->sample(o);
-    const auto d = g::compare(got.images, ref.images);
-    MESSAGE("50-step sample, GPU fp32 vs CPU: max abs diff " << d.max_abs);
-    CHECK(d.non_finite == 0);
-    CHECK(d.max_abs <= 1e-3);
+  TEST_CASE("cuda: a 50-step sample, fp32 on the GPU vs the CPU, same seed (clip_sample on and off)") {
+    // Measured bound to be stated in the gpu-check report; the check here is 1e-3 of the samples'
+    // magnitude (at least 1: clip_sample on keeps x0 in [-1, 1]). Without clipping a wiring
+    // error cannot hide behind the clamp.
+    const int steps = g::on_gpu_or_emulated(50, 8);
+    for (bool clip : {true, false}) {
+      CAPTURE(clip);
+      ScheduleConfig schedule;
+      schedule.clip_sample = clip;
+      auto model = small_unet_model(schedule);
+      auto cpu = test::cpu_session(model, 2);
+      auto gpu = cuda_session(model, 2);
+      SampleOptions o;
+      o.steps = steps;
+      o.seed = 42;
+      const auto ref = cpu->sample(o), got = gpu->sample(o);
+      const auto d = g::compare(got.images, ref.images);
+      const double scale = std::max(1.0, max_abs(ref.images));
+      MESSAGE(steps << "-step sample (clip_sample " << (clip ? "on" : "off") << "), GPU fp32 vs CPU: max abs diff "
+                    << d.max_abs << " (max |ref| " << max_abs(ref.images) << ")");
+      CHECK(d.non_finite == 0);
+      CHECK(d.max_abs <= 1e-3 * scale);
+    }
   }
 
   TEST_CASE("cuda: sampling is bitwise deterministic, graph replay equals eager steps") {
@@ -201,17 +262,17 @@ TEST_SUITE("gpu") {
       auto eager = cuda_session(model, 2, p, /*profile=*/true);
       auto loop = cuda_session(model, 2, p, /*profile=*/false, /*whole_loop=*/true);
       SampleOptions o;
-      o.steps = 20;
+      o.steps = g::on_gpu_or_emulated(20, 2);
       o.eta = 0.5;  // per-step noise on the device too
       o.seed = 9;
       const auto a = graphed->sample(o), b = graphed->sample(o), c = eager->sample(o);
       const auto d = loop->sample(o), e = loop->sample(o);
       CHECK(bitwise_equal(a.images, d.images));
       CHECK(bitwise_equal(d.images, e.images));
-      CHECK(loop->plan_info().warnings.empty());
+      CHECK(graph_warnings(*loop).empty());
       // The graphed session really replayed a graph (no capture failure fell back to eager).
       for (const auto& w : graphed->plan_info().warnings) MESSAGE(w);
-      CHECK(graphed->plan_info().warnings.empty());
+      CHECK(graph_warnings(*graphed).empty());
       CHECK(bitwise_equal(a.images, b.images));
       CHECK(bitwise_equal(a.images, c.images));
       CHECK(std::all_of(a.images.begin(), a.images.end(), [](float v) { return std::isfinite(v); }));
@@ -224,7 +285,7 @@ TEST_SUITE("gpu") {
     // printed for the report.
     auto model = small_unet_model();
     SampleOptions o;
-    o.steps = 50;
+    o.steps = g::on_gpu_or_emulated(50, 4);
     o.seed = 3;
     const auto ref = cuda_session(model, 2)->sample(o);
     for (Precision p : {Precision::FP16, Precision::BF16}) {
@@ -232,7 +293,7 @@ TEST_SUITE("gpu") {
       double sum = 0;
       for (std::size_t i = 0; i < ref.images.size(); ++i) sum += std::fabs(double(got.images[i]) - ref.images[i]);
       const double mean = sum / double(ref.images.size());
-      MESSAGE(to_string(p) << " vs fp32, 50 steps: mean abs diff " << mean);
+      MESSAGE(to_string(p) << " vs fp32, " << o.steps << " steps: mean abs diff " << mean);
       CHECK(mean < (p == Precision::FP16 ? 0.05 : 0.1));
     }
   }
@@ -242,7 +303,7 @@ TEST_SUITE("gpu") {
     // cuBLAS's algorithms: fp32 within 1e-4 absolute.
     auto model = small_unet_model();
     SampleOptions o;
-    o.steps = 10;
+    o.steps = g::on_gpu_or_emulated(10, 3);
     o.seed = 100;
     const auto batch = cuda_session(model, 4)->sample(o);
     o.seed = 102;
@@ -296,12 +357,12 @@ TEST_SUITE("gpu") {
     schedule.sample_max_value = 1.5;
     auto model = test::tiny_model(4, schedule);
     SampleOptions o;
-    o.steps = 10;
+    o.steps = g::on_gpu_or_emulated(10, 4);
     o.seed = 8;
     const auto ref = test::cpu_session(model, 2)->sample(o);
     const auto got = cuda_session(model, 2)->sample(o);
     const auto d = g::compare(got.images, ref.images);
-    MESSAGE("thresholded 10-step sample, GPU fp32 vs CPU: max abs diff " << d.max_abs);
+    MESSAGE("thresholded " << o.steps << "-step sample, GPU fp32 vs CPU: max abs diff " << d.max_abs);
     CHECK(d.non_finite == 0);
     CHECK(d.max_abs <= 1e-3);
   }
@@ -310,7 +371,7 @@ TEST_SUITE("gpu") {
     auto model = small_unet_model();
     auto a = cuda_session(model, 2, Precision::FP16), b = cuda_session(model, 2, Precision::FP16);
     SampleOptions oa, ob;
-    oa.steps = ob.steps = 20;
+    oa.steps = ob.steps = g::on_gpu_or_emulated(20, 2);
     oa.seed = 1;
     ob.seed = 50;
     const auto ref_a = a->sample(oa), ref_b = b->sample(ob);
@@ -363,5 +424,131 @@ TEST_SUITE("gpu") {
     }
     // The device is still usable afterwards.
     CHECK_NOTHROW(cuda_session(test::tiny_model(), 1)->forward(std::vector<float>(3 * 16 * 12, 0.f), std::vector<int>{5}));
+  }
+
+  TEST_CASE("cuda: the step kernel with caller noise, trajectory, next input and dynamic thresholds equals the host bitwise") {
+    // Every optional output of the step at once, in fp32 and with an fp16 model output / next
+    // input: the device's x, x0, trajectory slice and next input against the host's shared math
+    // on the same floats. The thresholds are the host's (dynamic_threshold of the unclipped x0).
+    const int n = 2, c = 3, hw = 40;
+    const std::size_t E = std::size_t(c) * hw, NE = std::size_t(n) * E;
+    const double ratio = 0.9, max_value = 1.7;
+    std::vector<DdimStepParams> steps(2);
+    steps[0] = {0.3f, 0.95393920f, 0.5f, 0.7f, 0.2f, 1.f, kPredEpsilon, kClipThreshold, 1, 900, kUpdateDdim};
+    steps[1] = {0.9f, 0.43588989f, 0.95f, 0.f, 0.05f, 1.f, kPredV, kClipThreshold, 0, 10, kUpdateDdpm, 0.4f, 0.55f};
+    const auto noise = g::random_vector(steps.size() * NE, 77, -2.f, 2.f);  // (S, n, c, hw) as a caller gives it
+    const std::vector<std::uint64_t> seeds{5, 6};
+    for (DType t : {DType::F32, DType::F16}) {
+      for (int step = 0; step < 2; ++step) {
+        CAPTURE(cuda::to_string(t));
+        CAPTURE(step);
+        const DdimStepParams& p = steps[std::size_t(step)];
+        const auto x = g::random_vector(NE, 1 + step, -3.f, 3.f);
+        const auto out = g::rounded(g::random_vector(NE, 2 + step, -2.f, 2.f), t);
+        // Host: per sample, the threshold of the unclipped x0, then the step.
+        std::vector<float> thresholds(n), ref_prev(NE), ref_x0(NE);
+        for (int b = 0; b < n; ++b) {
+          std::vector<float> x0u(E);
+          for (std::size_t e = 0; e < E; ++e) x0u[e] = ddim_pred_x0(x[b * E + e], out[b * E + e], p);
+          thresholds[std::size_t(b)] = dynamic_threshold(x0u, ratio, max_value);
+          const std::span<const float> z(noise.data() + (std::size_t(step) * n + b) * E, E);
+          ddim_step_sample(p, std::span(x).subspan(b * E, E), std::span(out).subspan(b * E, E), z,
+                           std::span(ref_x0).subspan(b * E, E), std::span(ref_prev).subspan(b * E, E), ratio, max_value);
+        }
+        g::DevBytes d_params(steps.size() * sizeof(DdimStepParams)), d_index(4), d_seeds(16), d_noise(noise.size() * 4),
+            d_x(NE * 4), d_x0(steps.size() * NE * 4), d_traj((steps.size() + 1) * NE * 4), d_thr(n * 4);
+        g::DevTensor d_out(g::nchw_to_nhwc(out, n, c, hw), t), d_next(NE, t);
+        d_params.upload(steps.data());
+        d_index.upload(&step);
+        d_seeds.upload(seeds.data());
+        d_noise.upload(noise.data());
+        d_x.upload(g::nchw_to_nhwc(x, n, c, hw).data());
+        d_thr.upload(thresholds.data());
+        d_x0.fill(0xFF);
+        d_traj.fill(0xFF);
+        d_next.mem.fill(0xFF);
+        cuda::StepLaunch s{n, c, hw, static_cast<const DdimStepParams*>(d_params.data()), static_cast<const int*>(d_index.data()),
+                           static_cast<const std::uint64_t*>(d_seeds.data()), static_cast<const float*>(d_noise.data()),
+                           static_cast<float*>(d_x.data()), d_out.data(), static_cast<float*>(d_x0.data()),
+                           static_cast<float*>(d_traj.data()), d_next.data(), static_cast<const float*>(d_thr.data())};
+        cuda::ddim_step(s, t, nullptr);
+        g::sync();
+        std::vector<float> got(NE), x0_all(steps.size() * NE), traj((steps.size() + 1) * NE);
+        d_x.download(got.data());
+        d_x0.download(x0_all.data());
+        d_traj.download(traj.data());
+        const auto slice = [&](const std::vector<float>& v, std::size_t k) {
+          return g::nhwc_to_nchw(std::vector<float>(v.begin() + std::ptrdiff_t(k * NE), v.begin() + std::ptrdiff_t((k + 1) * NE)),
+                                 n, c, hw);
+        };
+        CHECK(bitwise_equal(g::nhwc_to_nchw(got, n, c, hw), ref_prev));
+        CHECK(bitwise_equal(slice(x0_all, std::size_t(step)), ref_x0));
+        CHECK(bitwise_equal(slice(traj, std::size_t(step) + 1), ref_prev));
+        CHECK(bitwise_equal(g::nhwc_to_nchw(d_next.read(), n, c, hw), g::rounded(ref_prev, t)));
+        for (const g::DevBytes* d : {&d_x, &d_x0, &d_traj, &d_thr}) CHECK(d->guards_intact());
+        CHECK(d_next.mem.guards_intact());
+      }
+    }
+  }
+
+  TEST_CASE("cuda: creating a session while another thread captures a graph leaves that capture intact") {
+    // Session creation uploads weights, plans and warms up: none of it may synchronise the whole
+    // device, which would invalidate a capture running on another thread (e.g. another session's
+    // first sample).
+    cudaStream_t stream = nullptr;
+    GPU_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    const std::vector<float> x = g::random_vector(1000, 5, -1.f, 1.f);
+    g::DevTensor buf(x, DType::F32);
+    cuda::scale_shift(buf.data(), buf.data(), DType::F32, x.size(), 1.f, 0.f, stream);  // loads the kernel before capturing
+    GPU_CHECK(cudaStreamSynchronize(stream));
+    GPU_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    cuda::scale_shift(buf.data(), buf.data(), DType::F32, x.size(), 2.f, 1.f, stream);
+    std::string error;
+    std::thread other([&] {
+      try {
+        auto session = cuda_session(test::tiny_model(77), 1);  // a new model: its weights are uploaded now
+        (void)session->forward(std::vector<float>(3 * 16 * 12, 0.5f), std::vector<int>{500});
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    });
+    other.join();
+    CHECK_MESSAGE(error.empty(), error);
+    cudaGraph_t graph = nullptr;
+    CHECK(cudaStreamEndCapture(stream, &graph) == cudaSuccess);
+    REQUIRE(graph != nullptr);
+    cudaGraphExec_t exec = nullptr;
+    GPU_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    GPU_CHECK(cudaGraphLaunch(exec, stream));
+    GPU_CHECK(cudaStreamSynchronize(stream));
+    const auto got = buf.read();
+    for (std::size_t i = 0; i < x.size(); ++i) REQUIRE(got[i] == x[i] * 2.f + 1.f);
+    GPU_CHECK(cudaGraphExecDestroy(exec));
+    GPU_CHECK(cudaGraphDestroy(graph));
+    GPU_CHECK(cudaStreamDestroy(stream));
+  }
+
+  TEST_CASE("cuda: the presets' resnet convolutions run as fused cuDNN plans [cudnn]") {
+    // Every convolution that adds the time embedding or the residual must do it inside its cuDNN
+    // plan (PlanInfo::fusions says "cuDNN fused"): a plan that silently fell back to the
+    // epilogue kernel or the direct kernel costs a pass over the activations per layer.
+    for (const auto& [name, config] : {std::pair{"cifar10-32", graph::UNetConfig::cifar10()},
+                                       std::pair{"celebahq-256", graph::UNetConfig::celebahq256()}}) {
+      CAPTURE(name);
+      auto session = cuda_session(preset_model(config), 1, Precision::FP16);
+      int convs = 0, fused = 0, with_adds = 0;
+      for (const std::string& f : session->plan_info().fusions) {
+        if (f.find(": conv ") == std::string::npos) continue;
+        ++convs;
+        const bool adds = f.find("time embedding") != std::string::npos || f.find("residual") != std::string::npos;
+        with_adds += adds;
+        const bool is_fused = f.find("[cuDNN fused") != std::string::npos;
+        fused += is_fused;
+        if (adds) CHECK_MESSAGE(is_fused, f);
+      }
+      MESSAGE(name << ": " << convs << " convolutions, " << with_adds << " with a time-embedding or residual add, "
+                   << fused << " fused in cuDNN");
+      CHECK(with_adds > 0);
+    }
   }
 }

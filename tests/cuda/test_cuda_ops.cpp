@@ -68,7 +68,7 @@ std::string type_name(DType t) { return cuda::to_string(t); }
 double subnormal_floor(DType t) { return t == DType::F16 ? 0x1p-24 : 0.0; }
 
 // Fills a device buffer with 0xFF bytes: NaN in fp32, fp16 and bf16.
-void poison(const g::DevTensor& d) { GPU_CHECK(cudaMemset(d.data(), 0xFF, d.mem.bytes())); }
+void poison(g::DevTensor& d) { d.mem.fill(0xFF); }
 
 // A device copy of x (rounded to t) placed `shift` elements past the start of its (256-byte
 // aligned) buffer: shift 1 misaligns the pointer for every pack wider than one element, so the

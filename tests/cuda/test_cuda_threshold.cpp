@@ -69,8 +69,8 @@ struct Bufs {
   void prepare(const std::vector<float>& x) {
     REQUIRE(x.size() == std::size_t(n) * E);
     x0.upload(x.data());
-    GPU_CHECK(cudaMemset(thr.data(), 0xFF, thr.bytes()));
-    GPU_CHECK(cudaMemset(scratch.data(), 0x5A, scratch.bytes()));
+    thr.fill(0xFF);
+    scratch.fill(0x5A);
   }
   void launch(double ratio, double max_value, cudaStream_t stream = nullptr) {
     cuda::dynamic_thresholds(static_cast<const float*>(x0.data()), n, E, ratio, max_value,
@@ -265,7 +265,7 @@ TEST_SUITE("gpu") {
     GPU_CHECK(cudaGraphInstantiate(&exec, graph, 0));
     for (const auto* x : {&a, &b}) {
       d.x0.upload(x->data());
-      GPU_CHECK(cudaMemset(d.thr.data(), 0xFF, d.thr.bytes()));
+      d.thr.fill(0xFF);
       GPU_CHECK(cudaGraphLaunch(exec, stream));
       GPU_CHECK(cudaStreamSynchronize(stream));
       expect_equal(d.read(), host_thresholds(*x, n, E, 0.5, 1e38));

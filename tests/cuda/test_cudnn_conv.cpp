@@ -132,7 +132,7 @@ std::vector<float> run_device(const CudnnConv& conv, cudnnHandle_t handle, const
   g::DevBytes bias(p.bias.size() * sizeof(float));
   bias.upload(p.bias.data());
   g::DevBytes workspace(std::max<std::size_t>(conv.workspace_bytes(), 16));
-  GPU_CHECK(cudaMemset(y.data(), 0xFF, y.mem.bytes()));  // NaN in fp32, fp16 and bf16
+  y.mem.fill(0xFF);  // NaN in fp32, fp16 and bf16
   conv.run(handle, x.data(), w.data(), p.e.bias ? static_cast<const float*>(bias.data()) : nullptr,
            p.e.time_add ? temb.data() : nullptr, p.e.residual_add ? residual.data() : nullptr, y.data(),
            conv.workspace_bytes() ? workspace.data() : nullptr, stream);
@@ -144,6 +144,27 @@ std::vector<float> run_device(const CudnnConv& conv, cudnnHandle_t handle, const
   CHECK(residual.mem.guards_intact());
   CHECK(bias.guards_intact());
   CHECK(workspace.guards_intact());
+  return g::nhwc_to_nchw(y.read(), s.n, s.cout, hw_out);
+}
+
+// What the CUDA executor runs when cuDNN has no engine for a convolution: the direct kernel (with
+// the bias), then the epilogue kernel for the time embedding and the residual; y in NCHW.
+std::vector<float> run_direct(const Problem& p, cudaStream_t stream) {
+  const ConvShape& s = p.s;
+  const int hw_in = s.h * s.w, hw_out = p.oh * p.ow;
+  g::DevTensor x(g::nchw_to_nhwc(p.x, s.n, s.cin, hw_in), p.t);
+  g::DevTensor w(g::nchw_to_nhwc(p.w, s.cout, s.cin, s.kh * s.kw), p.t);
+  g::DevTensor temb(p.temb, p.t);
+  g::DevTensor residual(g::nchw_to_nhwc(p.residual, s.n, s.cout, hw_out), p.t);
+  g::DevTensor y(std::size_t(s.n) * s.cout * hw_out, p.t);
+  g::DevBytes bias(p.bias.size() * sizeof(float));
+  bias.upload(p.bias.data());
+  y.mem.fill(0xFF);
+  cuda::conv2d_direct(s, x.data(), w.data(), p.e.bias ? static_cast<const float*>(bias.data()) : nullptr, y.data(), p.t, stream);
+  cuda::conv_epilogue(y.data(), p.t, s.n, hw_out, s.cout, nullptr, p.e.time_add ? temb.data() : nullptr,
+                      p.e.residual_add ? residual.data() : nullptr, stream);
+  GPU_CHECK(cudaStreamSynchronize(stream));
+  CHECK(y.mem.guards_intact());
   return g::nhwc_to_nchw(y.read(), s.n, s.cout, hw_out);
 }
 
@@ -218,6 +239,10 @@ void run_case(cudnnHandle_t handle, cudaStream_t stream, const Case& c, DType t,
     CHECK(e.code() == ErrorCode::Unsupported);
     CHECK(std::string(e.what()).find(cuda::describe(c.shape, t, c.epilogue)) != std::string::npos);  // names the shape
     if (!c.may_be_unsupported) FAIL_CHECK("cuDNN has no engine for " << c.name << " in " << cuda::to_string(t));
+    // The executor then runs the direct kernel: check what it computes instead.
+    std::vector<float> ref, scale;
+    reference(p, ref, scale);
+    check_numbers(p, run_direct(p, stream), ref, scale);
     return;
   }
   MESSAGE(c.name << " " << cuda::to_string(t) << ": fused " << conv->fused() << " (" << conv->fused_adds()
@@ -233,7 +258,7 @@ void run_case(cudnnHandle_t handle, cudaStream_t stream, const Case& c, DType t,
 }  // namespace
 
 TEST_SUITE("gpu") {
-  TEST_CASE("cudnn conv: U-Net shapes and epilogues match the CPU in fp32, fp16 and bf16") {
+  TEST_CASE("cudnn conv: U-Net shapes and epilogues match the CPU in fp32, fp16 and bf16 [cudnn]") {
     cuda::CudnnHandle handle;
     Stream stream;
     std::uint32_t seed = 100;
@@ -241,7 +266,7 @@ TEST_SUITE("gpu") {
       for (const Case& c : unet_cases()) run_case(handle.get(), stream.s, c, t, /*autotune=*/false, seed += 10);
   }
 
-  TEST_CASE("cudnn conv: an autotuned plan matches the CPU too") {
+  TEST_CASE("cudnn conv: an autotuned plan matches the CPU too [cudnn]") {
     cuda::CudnnHandle handle;
     Stream stream;
     const Case c{"3x3 128->256 16x16 pad 1 + bias + temb + residual (autotuned)", conv_shape(2, 16, 16, 128, 256, 3, 1, 1, 1, 1, 1),
@@ -249,23 +274,39 @@ TEST_SUITE("gpu") {
     for (DType t : {DType::F32, DType::F16}) run_case(handle.get(), stream.s, c, t, /*autotune=*/true, 7);
   }
 
-  TEST_CASE("cudnn conv: the plan cache builds each key once") {
-    cuda::CudnnHandle handle;
-    cuda::ConvPlanCache cache;
+  TEST_CASE("cudnn conv: the device's plan cache builds each key once and serves every session [cudnn]") {
+    int device = 0;
+    GPU_CHECK(cudaGetDevice(&device));
+    const auto cache = cuda::ConvPlanCache::for_device(device);
+    CHECK(cache->shared());
+    CHECK(cuda::ConvPlanCache::for_device(device) == cache);  // one per device and process
     const ConvShape s = conv_shape(1, 8, 8, 64, 64, 3, 1, 1, 1, 1, 1);
-    const CudnnConv& a = cache.get(handle.get(), s, DType::F16, epilogue(true, false, false));
-    const CudnnConv& b = cache.get(handle.get(), s, DType::F16, epilogue(true, false, false));
-    const CudnnConv& c = cache.get(handle.get(), s, DType::F16, epilogue(true, true, false));
-    CHECK(&a == &b);
-    CHECK(&a != &c);
-    CHECK(cache.size() == 2);
-    CHECK(cache.max_workspace_bytes() == std::max(a.workspace_bytes(), c.workspace_bytes()));
-    CHECK(a.shape().cin == 64);
-    CHECK(a.dtype() == DType::F16);
-    CHECK(c.epilogue().time_add);
+    const std::size_t before = cache->size();
+    const auto a = cache->get(s, DType::F16, epilogue(true, false, false));
+    const auto b = cache->get(s, DType::F16, epilogue(true, false, false));
+    const auto c = cache->get(s, DType::F16, epilogue(true, true, false));
+    CHECK(a == b);
+    CHECK(a != c);
+    CHECK(cache->size() <= before + 2);
+    CHECK(cache->max_workspace_bytes() >= std::max(a->workspace_bytes(), c->workspace_bytes()));
+    CHECK(a->shape().cin == 64);
+    CHECK(a->dtype() == DType::F16);
+    CHECK(c->epilogue().time_add);
+    // A private cache (what DDIM_CUDNN_PLAN_CACHE=0 gives every session) plans on its own.
+    cuda::ConvPlanCache own(device);
+    CHECK(!own.shared());
+    CHECK(own.get(s, DType::F16, epilogue(true, false, false)) != a);
+    CHECK(own.size() == 1);
+    // A plan from the cache runs with another handle (a session's) and matches the CPU.
+    cuda::CudnnHandle handle;
+    Stream stream;
+    const Problem p = make_problem(s, DType::F16, epilogue(true, true, false), 3);
+    std::vector<float> ref, scale;
+    reference(p, ref, scale);
+    check_numbers(p, run_device(*c, handle.get(), p, stream.s), ref, scale);
   }
 
-  TEST_CASE("cudnn conv: bad shapes and bad arguments are InvalidArgument errors naming the convolution") {
+  TEST_CASE("cudnn conv: bad shapes and bad arguments are InvalidArgument errors naming the convolution [cudnn]") {
     cuda::CudnnHandle handle;
     Stream stream;
     // A kernel larger than the padded input.
@@ -308,8 +349,8 @@ TEST_SUITE("gpu") {
                stream.s);
     });
     // The parts the epilogue does not use are ignored (null or not).
-    GPU_CHECK(cudaMemset(x.data(), 0, x.bytes()));
-    GPU_CHECK(cudaMemset(w.data(), 0, w.bytes()));
+    x.fill(0);
+    w.fill(0);
     conv.run(handle.get(), x.data(), w.data(), static_cast<const float*>(bias.data()), temb.data(), y.data(), y.data(), wsp,
              stream.s);
     GPU_CHECK(cudaStreamSynchronize(stream.s));

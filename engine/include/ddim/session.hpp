@@ -33,10 +33,13 @@ Precision parse_precision(const std::string&);  // "auto", "fp32", "fp16", "bf16
 // missing (e.g. "CUDA driver version is insufficient"). Never throws.
 int cuda_device_count() noexcept;
 
+// The largest batch a session takes, on every backend (a CUDA grid dimension holds 65535 blocks).
+inline constexpr int kMaxBatch = 65535;
+
 struct SessionOptions {
   BackendKind backend = BackendKind::Auto;
   int device = 0;  // CUDA device ordinal
-  int batch = 1;
+  int batch = 1;  // 1 .. kMaxBatch
   Precision precision = Precision::Auto;
   int height = 0;   // 0: the model's declared size
   int width = 0;

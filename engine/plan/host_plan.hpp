@@ -1,0 +1,26 @@
+#pragma once
+// Host-side planning that every backend shares: a node's parameters resolved once per plan, and
+// the folded time tables (graph/passes.hpp: everything that depends only on the timestep),
+// evaluated on the host in fp32 once per schedule. The CPU backend reads the tables directly; the
+// CUDA backend uploads them.
+#include <array>
+#include <span>
+#include <vector>
+
+#include "graph/passes.hpp"
+#include "model_impl.hpp"
+
+namespace ddim::plan {
+
+// Parameter roles of the IR (graph/ir.cpp): a node's parameter pointers, resolved once per plan.
+enum Role { kWeight, kBias, kQWeight, kQBias, kKWeight, kKBias, kVWeight, kVBias, kOutWeight, kOutBias, kRoleCount };
+using NodeWeights = std::array<const float*, kRoleCount>;
+// Resolves every node's parameters to pointers into the model's fp32 weights (null where absent).
+std::vector<NodeWeights> resolve_node_weights(const graph::Graph& g, const Model::Impl& m);
+
+// The folded time tables, fp32: for every value in folding.tables, rows x C values, one row per
+// entry of `timesteps` (other values empty). `weights` is indexed like g's nodes.
+std::vector<std::vector<float>> evaluate_time_tables(const graph::Graph& g, const graph::TimeFolding& folding,
+                                                     const std::vector<NodeWeights>& weights, std::span<const int> timesteps);
+
+}  // namespace ddim::plan
