@@ -68,13 +68,11 @@ std::string describe(std::uintptr_t a);
 // initialised bits; records the range for the stream-order checker. Returns false on a
 // violation (already reported).
 bool access(std::uintptr_t a, std::size_t bytes, Access kind, bool check_init);
-void mark_initialised(std::uintptr_t a, std::size_t bytes);
 
 // Copy-on-write snapshots of the pages the running grid writes, for the schedule comparison.
 void snapshot_write(std::uintptr_t a, std::size_t bytes);  // the page copies of access(), alone
 void snapshot_begin();
 void snapshot_end();
-bool snapshot_active();
 // The pages written since snapshot_begin, with their contents before and now.
 std::vector<std::uintptr_t> written_pages();
 void copy_page(std::uintptr_t page, void* dst);               // current contents
@@ -122,7 +120,6 @@ struct OpTouch {
   std::uintptr_t read_lo = UINTPTR_MAX, read_hi = 0, write_lo = UINTPTR_MAX, write_hi = 0;
 };
 void touch(std::uint32_t alloc, std::uintptr_t a, std::size_t bytes, bool write);
-std::uint32_t allocation_index(std::uintptr_t a);  // 1-based; 0 outside every allocation
 
 // One unit of work on a stream: a kernel grid, a copy, a memset, a library call.
 struct Op {

@@ -206,13 +206,6 @@ std::string describe(std::uintptr_t a) {
   return buf;
 }
 
-std::uint32_t allocation_index(std::uintptr_t a) {
-  if (!g_state || a - g_base >= g_size) return 0;
-  const std::uintptr_t off = a - g_state->base;
-  if (off >= g_state->committed) return 0;
-  return g_state->shadow[off / 8] >> 4;
-}
-
 bool access(std::uintptr_t a, std::size_t bytes, Access kind, bool check_init) {
   if (bytes == 0) return true;
   State& s = st();
@@ -276,11 +269,6 @@ void snapshot_write(std::uintptr_t a, std::size_t bytes) {
     }
 }
 
-void mark_initialised(std::uintptr_t a, std::size_t bytes) {
-  State& s = st();
-  for (std::uintptr_t i = a - s.base; i < a - s.base + bytes; ++i) set_bit(s.init, i);
-}
-
 void snapshot_begin() {
   State& s = st();
   s.snap = true;
@@ -300,8 +288,6 @@ void snapshot_end() {
   s.originals.clear();
   s.slot.clear();
 }
-
-bool snapshot_active() { return g_state && g_state->snap; }
 
 std::vector<std::uintptr_t> written_pages() { return st().pages; }
 

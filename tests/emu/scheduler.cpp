@@ -787,8 +787,6 @@ void set_max_dynamic_shared(const void* function, int bytes) { R().max_dynamic[f
 
 void mark_loaded(const void* function) { R().loaded.insert(function); }
 
-std::size_t dynamic_shared_limit() { return kMaxDynamicShared; }
-
 cudaError_t validate_launch(const KernelLaunch& l) {
   const dim3 b = l.block, g = l.grid;
   if (b.x == 0 || b.y == 0 || b.z == 0 || b.x > 1024 || b.y > 1024 || b.z > 64 ||
