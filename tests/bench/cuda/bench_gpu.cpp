@@ -1,6 +1,10 @@
 // GPU benchmark of one model file (tools/bench runs it per preset): prints one JSON object with
 //   cold_start_ms          file -> first 50-step image at batch 1, in a fresh process (includes
 //                          CUDA context creation, the weight upload, planning and graph capture)
+//   session_ms             Session::create of that first session (upload, cuDNN planning, warm-up)
+//   second_session_ms      Session::create of a second batch-1 session: {"shared_plans": with the
+//                          process-wide cuDNN plan cache (nothing to plan), "private_plans": with
+//                          DDIM_CUDNN_PLAN_CACHE=0 (every convolution planned again)}
 //   forward_ms             Session::forward at batch 1 (host tables, copies in and out), median
 //   sample50_ms[batch]     a 50-step sample, median over runs (batch 1 and the throughput batches)
 //   images_per_s[batch]    batch / sample50 time
@@ -174,9 +178,22 @@ int main(int argc, char** argv) {
     o.backend = ddim::BackendKind::Cuda;
     o.precision = precision;
     o.batch = 1;
+    const auto t1 = Clock::now();
     auto session = ddim::Session::create(model, o);
+    const double first_session = ms_since(t1);
     session->sample(so);
     const double cold = ms_since(t0);
+    double second_shared = 0, second_private = 0;
+    {
+      const auto s0 = Clock::now();
+      auto second = ddim::Session::create(model, o);
+      second_shared = ms_since(s0);
+      setenv("DDIM_CUDNN_PLAN_CACHE", "0", 1);
+      const auto s1 = Clock::now();
+      auto own = ddim::Session::create(model, o);
+      second_private = ms_since(s1);
+      unsetenv("DDIM_CUDNN_PLAN_CACHE");
+    }
 
     ProcessMemory mem(0);
     PeakWatcher watch(mem);
@@ -240,6 +257,8 @@ int main(int argc, char** argv) {
                 argv[2], prop.name, driver, runtime);
     std::printf(" \"parameters\": %lld, \"forward_gflop_batch1\": %.3f, \"cold_start_ms\": %.1f, \"forward_ms\": %.3f,\n",
                 static_cast<long long>(model->info().parameter_count), flops1 / 1e9, cold, forward_ms);
+    std::printf(" \"session_ms\": %.1f, \"second_session_ms\": {\"shared_plans\": %.1f, \"private_plans\": %.1f},\n",
+                first_session, second_shared, second_private);
     std::printf(" \"gemm_fp16_tflops\": %.1f, \"nvml\": %s, \"sample50_ms_batch1_whole_loop_graph\": %.3f,\n", gemm,
                 mem.available() ? "true" : "false", loop_ms);
     std::printf(" \"runs\": [");
