@@ -33,6 +33,13 @@ struct SampleJob {
   bool want_trajectory = false, want_x0 = false;
   bool output_on_device = false;              // CUDA: SampleResult::device_images instead of images
   ProgressCallback progress;
+  // CUDA only (the session checks the backend and the pointers' sizes; the executor checks that
+  // they are device memory of its device): the caller's device inputs and output.
+  const float* x_T_device = nullptr;          // (N, C, H, W) fp32
+  const float* noise_device = nullptr;        // (S, N, C, H, W) fp32
+  void* output_device = nullptr;              // (N, C, H, W), fp32 or the session's precision
+  bool output_session_precision = false;
+  bool async = false;                         // enqueue only: no host synchronisation, no host results
 };
 
 class Executor {
@@ -46,6 +53,10 @@ class Executor {
   // The whole sampling loop; fills images (and trajectory / x0 when asked).
   virtual void sample(const SampleJob& job, SampleResult& result) = 0;
   virtual const PlanInfo& plan_info() const = 0;
+  // CUDA: the stream every later call enqueues on (nullptr: the executor's own); see
+  // Session::set_stream. Other backends throw InvalidArgument.
+  virtual void set_stream(void* cuda_stream);
+  virtual void* stream() const;
 };
 
 }  // namespace ddim

@@ -15,7 +15,7 @@ struct WeightSlot {
   std::int64_t numel = 0;
 };
 
-struct Model::Impl {
+struct __attribute__((visibility("hidden"))) Model::Impl {  // internal: not exported with Model
   std::string source;  // file path or name, for messages
   ModelInfo info;
   ScheduleConfig schedule;

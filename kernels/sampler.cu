@@ -2,6 +2,8 @@
 // per-element math of kernels/ddim_step.h and kernels/ddpm_step.h), the device step counter and
 // the time-table row gather. One thread per element of the (n, hw, c) state; noise is indexed by
 // the host's NCHW element index so every value equals the CPU's.
+#include <cstring>
+
 #include "cuda/check.hpp"
 #include "cuda/threshold.hpp"
 #include "kernels/ddpm_step.h"
@@ -61,6 +63,14 @@ __global__ void pred_x0_kernel(StepLaunch s, float* __restrict__ x0) {
 
 __global__ void advance_step_kernel(int* step_index) { *step_index += 1; }
 
+// One chunk of host bytes, passed by value (kernel parameter space).
+struct InlineBytes {
+  unsigned char b[kInlineCopyBytes];
+};
+__global__ void inline_copy_kernel(unsigned char* __restrict__ dst, InlineBytes src, unsigned n) {
+  for (unsigned i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src.b[i];
+}
+
 template <class T>
 __global__ void bias_divide_kernel(T* __restrict__ y, std::size_t rows, int cols, const float* __restrict__ bias, float divisor) {
   const std::size_t total = rows * std::size_t(cols);
@@ -118,7 +128,22 @@ void load_sampling_kernels(DType t) {
     DDIM_CUDA_CHECK(cudaFuncGetAttributes(&attr, pred_x0_kernel<T>));
   });
   DDIM_CUDA_CHECK(cudaFuncGetAttributes(&attr, advance_step_kernel));
+  DDIM_CUDA_CHECK(cudaFuncGetAttributes(&attr, inline_copy_kernel));
   load_threshold_kernels();
+}
+
+void copy_from_host_inline(void* dst, const void* src, std::size_t bytes, cudaStream_t stream) {
+  if (bytes == 0) return;
+  if (!dst || !src) throw Error(ErrorCode::InvalidArgument, "copy_from_host_inline: null pointer");
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* h = static_cast<const unsigned char*>(src);
+  for (std::size_t off = 0; off < bytes; off += kInlineCopyBytes) {
+    const std::size_t n = bytes - off < kInlineCopyBytes ? bytes - off : kInlineCopyBytes;
+    InlineBytes chunk;
+    std::memcpy(chunk.b, h + off, n);
+    DDIM_LAUNCH(1, 256, 0, stream, inline_copy_kernel)(d + off, chunk, unsigned(n));
+    check_launch("copy_from_host_inline");
+  }
 }
 
 void advance_step(int* step_index, cudaStream_t stream) {

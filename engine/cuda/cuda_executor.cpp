@@ -60,7 +60,8 @@ CudaExecutor::CudaExecutor(const ExecutorContext& ctx, const SessionOptions& opt
 
 void CudaExecutor::init(const ExecutorContext& ctx) {
   DDIM_CUDA_CHECK(cudaSetDevice(device_));
-  DDIM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  DDIM_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
+  stream_ = own_stream_;
   DDIM_CUBLAS_CHECK(cublasCreate(&cublas_));
   DDIM_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
   DDIM_CUBLAS_CHECK(cublasSetPointerMode(cublas_, CUBLAS_POINTER_MODE_HOST));
@@ -120,8 +121,11 @@ void CudaExecutor::release() noexcept {
   cudnn_ = nullptr;
   if (cublas_) (void)cublasDestroy(cublas_);
   cublas_ = nullptr;
-  if (stream_) (void)cudaStreamDestroy(stream_);
-  stream_ = nullptr;
+  if (own_stream_) (void)cudaStreamDestroy(own_stream_);
+  own_stream_ = stream_ = nullptr;
+  // What failed here must not stay the thread's last error: the next kernel launch anywhere in the
+  // process (which checks cudaGetLastError) would report it as its own.
+  (void)cudaGetLastError();
 }
 
 // The conv + add fusion (graph::fuse_conv_adds) runs before the memory plan, so liveness sees
@@ -345,8 +349,9 @@ auto CudaExecutor::guarded(const char* what, F&& f) -> decltype(f()) {
 }
 
 // Host fp32 pieces converted into device buffers of the element type: one copy through the
-// staging buffer for all of them, one conversion each, one synchronisation (the host vectors
-// may go when this returns).
+// staging buffer for all of them, one conversion each, in stream order. The host vectors may go
+// when this returns: cudaMemcpyAsync stages pageable memory before it returns (CUDA's "API
+// synchronization behavior"), though the driver may wait for the stream to do so.
 void CudaExecutor::upload_converted(const std::vector<std::pair<std::span<const float>, void*>>& pieces) {
   std::size_t total = 0;
   for (const auto& [src, dst] : pieces) total += src.size();
@@ -361,7 +366,47 @@ void CudaExecutor::upload_converted(const std::vector<std::pair<std::span<const 
     convert_from_f32(staging_.as<float>() + offset, dst, dtype_, src.size(), stream_);
     offset += src.size();
   }
-  DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void CudaExecutor::check_device_pointer(const void* p, const char* what) const {
+  cudaPointerAttributes attr{};
+  const cudaError_t e = cudaPointerGetAttributes(&attr, p);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw Error(ErrorCode::InvalidArgument, std::string(what) + ": not a pointer CUDA knows (" + cudaGetErrorString(e) + ")");
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw Error(ErrorCode::InvalidArgument, std::string(what) + " is not device memory (host memory?): give a device pointer");
+  if (attr.device != device_)
+    throw Error(ErrorCode::InvalidArgument, std::string(what) + " is on CUDA device " + std::to_string(attr.device) +
+                                                "; the session's is " + std::to_string(device_));
+}
+
+void CudaExecutor::set_stream(void* cuda_stream) {
+  guarded("set_stream", [&] {
+    cudaStream_t next = cuda_stream ? static_cast<cudaStream_t>(cuda_stream) : own_stream_;
+    if (next == stream_) return;
+    int device = -1;
+    const cudaError_t e = cudaStreamGetDevice(next, &device);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      throw Error(ErrorCode::InvalidArgument, std::string("set_stream: not a CUDA stream (") + cudaGetErrorString(e) + ")");
+    }
+    if (device != device_)
+      throw Error(ErrorCode::InvalidArgument, "set_stream: the stream belongs to CUDA device " + std::to_string(device) +
+                                                  "; the session's is " + std::to_string(device_));
+    // The new stream waits for what this session enqueued on the old one: its buffers (arena,
+    // state, results) are reused by the next call.
+    cudaEvent_t done = nullptr;
+    DDIM_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    const cudaError_t r = cudaEventRecord(done, stream_);
+    const cudaError_t w = r == cudaSuccess ? cudaStreamWaitEvent(next, done, 0) : r;
+    (void)cudaEventDestroy(done);  // allowed while recorded / waited for
+    DDIM_CUDA_CHECK(w);
+    stream_ = next;
+    DDIM_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+    if (cudnn_) DDIM_CUDNN_CHECK(cudnnSetStream(cudnn_, stream_));
+  });
 }
 
 void CudaExecutor::upload_tables(std::span<const int> timesteps) {
@@ -433,16 +478,16 @@ void CudaExecutor::forward_impl(std::span<const float> x, std::span<const int> t
     } else {
       std::size_t largest = 0;
       for (int i : fold_.step_nodes) largest = std::max(largest, std::size_t(g_.values[g_.nodes[i].output].elements()));
-      DeviceBuffer tmp(largest * std::size_t(n) * 4, "the dump buffer");
+      fetch_.reserve(largest * std::size_t(n) * 4, "the dump buffer");
       std::vector<float> host_values;
       for (std::size_t k = 0; k < program_.size(); ++k) {
         program_[k].run(stream_);
         const graph::Value& v = g_.values[g_.nodes[fold_.step_nodes[k]].output];
         const bool spatial = v.kind == Kind::Spatial;
         const int hw = spatial ? v.h * v.w : 1;
-        nhwc_to_nchw_f32(value_ptr(g_.nodes[fold_.step_nodes[k]].output), tmp.as<float>(), dtype_, n, v.c, hw, stream_);
+        nhwc_to_nchw_f32(value_ptr(g_.nodes[fold_.step_nodes[k]].output), fetch_.as<float>(), dtype_, n, v.c, hw, stream_);
         host_values.resize(std::size_t(n) * std::size_t(v.elements()));
-        DDIM_CUDA_CHECK(cudaMemcpyAsync(host_values.data(), tmp.get(), host_values.size() * 4, cudaMemcpyDeviceToHost, stream_));
+        DDIM_CUDA_CHECK(cudaMemcpyAsync(host_values.data(), fetch_.get(), host_values.size() * 4, cudaMemcpyDeviceToHost, stream_));
         DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
         std::vector<std::int64_t> shape{n, v.c};
         if (spatial) shape.insert(shape.end(), {v.h, v.w});
@@ -469,15 +514,45 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
     const std::size_t S = job.steps.size(), E = std::size_t(sv.elements()), NE = std::size_t(n) * E;
     const int c = sv.c, hw = sv.h * sv.w;
     NvtxRange range("ddim.sample");
+    const std::size_t threshold_scratch = thresholding ? dynamic_threshold_scratch_bytes(n, E) : 0;
+    const std::size_t threshold_bytes = NE * 4 + 256 + std::size_t(n) * 4 + 256 + threshold_scratch;
 
-    // Per-plan uploads: step parameters, seeds, the time tables, the caller's noise.
+    // The caller's device memory must be this device's.
+    if (job.x_T_device) check_device_pointer(job.x_T_device, "x_T_device");
+    if (job.noise_device) check_device_pointer(job.noise_device, "noise_device");
+    if (job.output_device) check_device_pointer(job.output_device, "output_device");
+
+    // The caller may capture sample_async into a CUDA graph of its own (the session's stream is
+    // theirs, being captured): then every launch goes into their capture (no graph of ours), and
+    // nothing may allocate, synchronise or copy from host memory that is gone by the replay, so a
+    // first call with the same options outside the capture must have made the buffers and tables.
+    cudaStreamCaptureStatus capture_status = cudaStreamCaptureStatusNone;
+    DDIM_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture_status));
+    const bool in_caller_capture = capture_status != cudaStreamCaptureStatusNone;
+    if (in_caller_capture) {
+      if (!job.async)
+        throw Error(ErrorCode::InvalidArgument, "the session's stream is being captured into a CUDA graph: only sample_async "
+                                                "can be captured (sample waits for its results)");
+      const bool ready = params_.bytes() >= S * sizeof(DdimStepParams) && seeds_.bytes() >= std::size_t(n) * 8 &&
+                         step_index_.bytes() >= sizeof(int) && x_.bytes() >= NE * 4 &&
+                         std::equal(job.timesteps.begin(), job.timesteps.end(), table_timesteps_.begin(), table_timesteps_.end()) &&
+                         (!thresholding || threshold_buffer_.bytes() >= threshold_bytes) &&
+                         (!job.output_session_precision || dtype_ == DType::F32 || output_.bytes() >= NE * 4);
+      if (!ready)
+        throw Error(ErrorCode::InvalidArgument, "sample_async inside the caller's CUDA graph capture would allocate device memory "
+                                                "or upload time tables: make one call with the same options outside the capture "
+                                                "first");
+    }
+
+    // Per-call uploads: step parameters and seeds (in kernel parameters: asynchronous, no staging),
+    // the time tables (when the timesteps changed), the caller's host noise.
     if (params_.reserve(S * sizeof(DdimStepParams), "the step parameters")) step_graph_valid_ = false;
-    DDIM_CUDA_CHECK(cudaMemcpyAsync(params_.get(), job.steps.data(), S * sizeof(DdimStepParams), cudaMemcpyHostToDevice, stream_));
+    copy_from_host_inline(params_.get(), job.steps.data(), S * sizeof(DdimStepParams), stream_);
     if (seeds_.reserve(std::size_t(n) * 8, "the seeds")) step_graph_valid_ = false;
-    DDIM_CUDA_CHECK(cudaMemcpyAsync(seeds_.get(), job.seeds.data(), std::size_t(n) * 8, cudaMemcpyHostToDevice, stream_));
+    copy_from_host_inline(seeds_.get(), job.seeds.data(), std::size_t(n) * 8, stream_);
     if (step_index_.reserve(sizeof(int), "the step counter")) step_graph_valid_ = false;
     upload_tables(job.timesteps);
-    const float* noise = nullptr;
+    const float* noise = job.noise_device;
     if (!job.noise.empty()) {
       if (noise_.reserve(job.noise.size() * 4, "the caller's per-step noise")) step_graph_valid_ = false;
       DDIM_CUDA_CHECK(cudaMemcpyAsync(noise_.get(), job.noise.data(), job.noise.size() * 4, cudaMemcpyHostToDevice, stream_));
@@ -495,8 +570,11 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
       trajectory = trajectory_.as<float>();
     }
 
-    // x_T: the caller's (NCHW) or Philox noise, kept fp32 NHWC; the forward reads it rounded.
-    if (!job.x_T.empty()) {
+    // x_T: the caller's (NCHW, host or device) or Philox noise, kept fp32 NHWC; the forward reads
+    // it rounded.
+    if (job.x_T_device) {
+      nchw_f32_to_nhwc(job.x_T_device, x_.get(), DType::F32, n, c, hw, stream_);
+    } else if (!job.x_T.empty()) {
       staging_.reserve(NE * 4, "the host-layout staging buffer");
       DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), job.x_T.data(), NE * 4, cudaMemcpyHostToDevice, stream_));
       nchw_f32_to_nhwc(staging_.as<float>(), x_.get(), DType::F32, n, c, hw, stream_);
@@ -509,12 +587,7 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
 
     // Dynamic thresholding: the unclipped x0 of the step, its per-sample quantile bound, then the
     // step (every step of the job, the bound used only by steps whose clip asks for it).
-    std::size_t threshold_scratch = 0;
-    if (thresholding) {
-      threshold_scratch = dynamic_threshold_scratch_bytes(n, E);
-      const std::size_t bytes = NE * 4 + 256 + std::size_t(n) * 4 + 256 + threshold_scratch;
-      if (threshold_buffer_.reserve(bytes, "the dynamic-thresholding buffers")) step_graph_valid_ = false;
-    }
+    if (thresholding && threshold_buffer_.reserve(threshold_bytes, "the dynamic-thresholding buffers")) step_graph_valid_ = false;
     auto* tb = threshold_buffer_.as<unsigned char>();
     float* x0_unclipped = thresholding ? reinterpret_cast<float*>(tb) : nullptr;
     float* bounds = thresholding ? reinterpret_cast<float*>(tb + (NE * 4 + 255) / 256 * 256) : nullptr;
@@ -570,7 +643,7 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
       captured_repeats_ = repeats;
       step_graph_valid_ = true;
     };
-    if (!options_.profile && graph_failure_.empty() &&
+    if (!options_.profile && graph_failure_.empty() && !in_caller_capture &&
         (!step_graph_ || !step_graph_valid_ || key != captured_with_ || repeats != captured_repeats_)) {
       // A library call that cannot be captured (e.g. a cuDNN engine) must not make the session
       // unusable: after a second failed attempt the steps run eagerly, exactly the same launches
@@ -590,7 +663,7 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
         }
       }
     }
-    const bool eager = options_.profile || !graph_failure_.empty();
+    const bool eager = options_.profile || !graph_failure_.empty() || in_caller_capture;
 
     // The loop: no host synchronisation, allocation or copy between steps. With a progress
     // callback one event per step is recorded and the host waits on the previous step's event
@@ -629,8 +702,17 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
     }
     if (job.progress && S > 0) report(S);
 
-    // Results, back to the host layout (on the device for output_on_device).
-    if (job.output_on_device) {
+    // Results: into the caller's device buffer (fp32, or converted to the session's precision),
+    // the session's device buffer (output_on_device), or back to the host layout.
+    if (job.output_device) {
+      if (!job.output_session_precision || dtype_ == DType::F32) {
+        nhwc_to_nchw_f32(x_.get(), static_cast<float*>(job.output_device), DType::F32, n, c, hw, stream_);
+      } else {
+        output_.reserve(NE * 4, "the device-side output");
+        nhwc_to_nchw_f32(x_.get(), output_.as<float>(), DType::F32, n, c, hw, stream_);
+        convert_from_f32(output_.as<float>(), job.output_device, dtype_, NE, stream_);
+      }
+    } else if (job.output_on_device) {
       output_.reserve(NE * 4, "the device-side output");
       nhwc_to_nchw_f32(x_.get(), output_.as<float>(), DType::F32, n, c, hw, stream_);
       result.device_images = output_.as<float>();
@@ -640,11 +722,13 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
       result.images.resize(NE);
       DDIM_CUDA_CHECK(cudaMemcpyAsync(result.images.data(), staging_.get(), NE * 4, cudaMemcpyDeviceToHost, stream_));
     }
+    if (job.async) return;  // the caller's stream carries on; nothing waits here
+    // (A kept buffer, not a temporary: freeing device memory synchronises the whole device.)
     const auto fetch = [&](const DeviceBuffer& src, std::size_t slices, std::vector<float>& dst) {
-      DeviceBuffer tmp(slices * NE * 4, "a result buffer");
-      nhwc_to_nchw_f32(src.get(), tmp.as<float>(), DType::F32, int(slices) * n, c, hw, stream_);
+      fetch_.reserve(slices * NE * 4, "the trajectory / x0 result buffer");
+      nhwc_to_nchw_f32(src.get(), fetch_.as<float>(), DType::F32, int(slices) * n, c, hw, stream_);
       dst.resize(slices * NE);
-      DDIM_CUDA_CHECK(cudaMemcpyAsync(dst.data(), tmp.get(), dst.size() * 4, cudaMemcpyDeviceToHost, stream_));
+      DDIM_CUDA_CHECK(cudaMemcpyAsync(dst.data(), fetch_.get(), dst.size() * 4, cudaMemcpyDeviceToHost, stream_));
       DDIM_CUDA_CHECK(cudaStreamSynchronize(stream_));
     };
     if (trajectory) fetch(trajectory_, S + 1, result.trajectory);

@@ -40,6 +40,8 @@ class CudaExecutor final : public Executor {
                     const Session::NodeOutputCallback& dump) override;
   void sample(const SampleJob& job, SampleResult& result) override;
   const PlanInfo& plan_info() const override { return info_; }
+  void set_stream(void* cuda_stream) override;
+  void* stream() const override { return stream_; }
 
  private:
   // One launch (or a few) of the step program, with the graph node it implements.
@@ -56,6 +58,8 @@ class CudaExecutor final : public Executor {
   void build_program();
   void run_forward_ops(cudaStream_t stream);  // the step program (eager), NVTX range per op in profile mode
   void upload_tables(std::span<const int> timesteps);
+  // Throws InvalidArgument unless p is device memory of this executor's device.
+  void check_device_pointer(const void* p, const char* what) const;
   void upload_converted(const std::vector<std::pair<std::span<const float>, void*>>& pieces);
   void* value_ptr(int v) const;
   template <class F> auto guarded(const char* what, F&& f) -> decltype(f());
@@ -72,7 +76,8 @@ class CudaExecutor final : public Executor {
   std::shared_ptr<const DeviceWeights> weights_;
   std::vector<int> node_of_;       // fused graph node -> model graph node (for the weights)
 
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t own_stream_ = nullptr;  // created with the session
+  cudaStream_t stream_ = nullptr;      // where work goes: own_stream_ or the caller's (set_stream)
   cublasHandle_t cublas_ = nullptr;
   cudnnHandle_t cudnn_ = nullptr;
   std::shared_ptr<ConvPlanCache> convs_;  // null when cuDNN is not used (cudnn_off_ says why)
@@ -81,6 +86,7 @@ class CudaExecutor final : public Executor {
   DeviceBuffer arena_, workspace_, cublas_workspace_, attention_scratch_;
   DeviceBuffer staging_;           // fp32 host-layout input / output
   DeviceBuffer output_;            // SampleJob::output_on_device results
+  DeviceBuffer fetch_;             // trajectory / x0 on their way to the host
   DeviceBuffer x_, x0_all_, trajectory_;
   DeviceBuffer params_, seeds_, noise_, step_index_;
   std::vector<DeviceBuffer> tables_;  // per value: (rows, C) of the element type

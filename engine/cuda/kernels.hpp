@@ -123,6 +123,12 @@ void ddim_pred_x0_all(const StepLaunch& s, DType t, float* x0, cudaStream_t stre
 void load_sampling_kernels(DType t);
 // *step_index += 1 (one thread, so that a graph replay advances the step on the device).
 void advance_step(int* step_index, cudaStream_t stream);
+// dst[0 .. bytes) = src[0 .. bytes) from host memory, carried in kernel parameters (chunks of
+// kInlineCopyBytes, one launch each): a truly asynchronous upload of small per-call data (step
+// parameters, seeds) with no pinned staging and no host synchronisation; src may be reused as
+// soon as this returns.
+constexpr std::size_t kInlineCopyBytes = 2048;
+void copy_from_host_inline(void* dst, const void* src, std::size_t bytes, cudaStream_t stream);
 // y (rows, cols) of type t = (y + bias[col]) / divisor; bias fp32 (may be null: divide only).
 void bias_divide_rows(void* y, DType t, std::size_t rows, int cols, const float* bias, float divisor, cudaStream_t stream);
 // The folded time tables (one row per step, graph/passes.hpp) feed each step's forward:

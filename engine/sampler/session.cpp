@@ -51,7 +51,7 @@ Precision parse_precision(const std::string& s) {
 
 int cuda_device_count() noexcept { return cuda::device_count(); }
 
-struct Session::Impl {
+struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not exported with Session
   std::shared_ptr<const Model> model;
   SessionOptions options;
   BackendKind backend = BackendKind::Cpu;
@@ -72,12 +72,65 @@ struct Session::Impl {
                                                 std::to_string(model->info().in_channels) + ", " + std::to_string(height) + ", " +
                                                 std::to_string(width) + ")");
   }
-  // A job with the per-sample seeds (seed + i) and the schedule's thresholding settings.
-  SampleJob new_job(std::uint64_t seed) const {
+  // A job with the per-sample seeds (`seeds`, one per sample, or seed + i) and the schedule's
+  // thresholding settings.
+  SampleJob new_job(std::uint64_t seed, const std::vector<std::uint64_t>& seeds = {}) const {
+    if (!seeds.empty() && seeds.size() != batch())
+      throw Error(ErrorCode::InvalidArgument, "seeds has " + std::to_string(seeds.size()) + " entries; the session's batch is " +
+                                                  std::to_string(batch()) + " (one seed per sample, or none)");
     SampleJob job;
-    for (std::size_t b = 0; b < batch(); ++b) job.seeds.push_back(seed + b);
+    if (!seeds.empty()) job.seeds = seeds;
+    else
+      for (std::size_t b = 0; b < batch(); ++b) job.seeds.push_back(seed + b);
     job.dynamic_thresholding_ratio = model->schedule().dynamic_thresholding_ratio;
     job.sample_max_value = model->schedule().sample_max_value;
+    return job;
+  }
+  void require_cuda(const char* what) const {
+    if (backend != BackendKind::Cuda)
+      throw Error(ErrorCode::InvalidArgument, std::string(what) + " needs a CUDA session; this one runs on the CPU");
+  }
+  // The timesteps of a sample call (Session::timestep_plan).
+  TimestepPlan plan_of(const SampleOptions& o) const {
+    const Scheduler scheduler(model->schedule());
+    if (!o.timesteps.empty()) return scheduler.custom_timesteps(o.timesteps);
+    if (o.steps < 1) throw Error(ErrorCode::InvalidArgument, "steps must be at least 1, got " + std::to_string(o.steps));
+    if (o.spacing == Spacing::Custom)
+      throw Error(ErrorCode::InvalidArgument, "spacing 'custom' needs a timestep list (SampleOptions::timesteps)");
+    return scheduler.timesteps(o.steps, o.spacing, o.steps_offset);
+  }
+  // The job of a sample call, every option checked.
+  SampleJob sample_job(const SampleOptions& o, const TimestepPlan& plan) const {
+    if (!(o.eta >= 0.0) || o.eta > 1e6) throw Error(ErrorCode::InvalidArgument, "eta must be >= 0, got " + std::to_string(o.eta));
+    const std::size_t S = plan.timesteps.size(), N = batch(), E = sample_elements();
+    if (!o.x_T.empty()) check_batch(o.x_T, "x_T");
+    if (!o.noise.empty() && o.noise.size() != S * N * E)
+      throw Error(ErrorCode::InvalidArgument, "noise has " + std::to_string(o.noise.size()) + " values; expected (S, N, C, H, W) with S = " +
+                                                  std::to_string(S) + " steps taken and N = " + std::to_string(N));
+    if ((!o.noise.empty() || o.noise_device) && o.eta == 0.0)
+      throw Error(ErrorCode::InvalidArgument, "per-step noise was given but eta = 0, where no noise is added; use eta > 0");
+    if (o.x_T_device) require_cuda("x_T_device");
+    if (o.noise_device) require_cuda("noise_device");
+    if (o.output_device) require_cuda("output_device");
+    if (o.x_T_device && !o.x_T.empty()) throw Error(ErrorCode::InvalidArgument, "give x_T or x_T_device, not both");
+    if (o.noise_device && !o.noise.empty()) throw Error(ErrorCode::InvalidArgument, "give noise or noise_device, not both");
+    if (o.output_device && o.output_on_device)
+      throw Error(ErrorCode::InvalidArgument, "give output_device (the caller's buffer) or output_on_device (the session's), not both");
+    const Scheduler scheduler(model->schedule());
+    const StepOptions so{o.eta, o.use_clipped_model_output, o.clip_sample, o.set_alpha_to_one};
+    SampleJob job = new_job(o.seed, o.seeds);
+    job.timesteps = plan.timesteps;
+    for (const auto& c : scheduler.coefficients(plan.timesteps, so)) job.steps.push_back(make_step_params(c, model->schedule(), so));
+    job.x_T = o.x_T;
+    job.noise = o.noise;
+    job.want_trajectory = o.want_trajectory;
+    job.want_x0 = o.want_x0;
+    job.progress = o.progress;
+    job.output_on_device = o.output_on_device;
+    job.x_T_device = o.x_T_device;
+    job.noise_device = o.noise_device;
+    job.output_device = o.output_device;
+    job.output_session_precision = o.output_type == OutputType::SessionPrecision;
     return job;
   }
   // Inversion with fixed-point refinement (ddim/toolkit.hpp): step by step through the executor's
@@ -141,6 +194,11 @@ struct Session::Impl {
     return r;
   }
 };
+
+void Executor::set_stream(void*) {
+  throw Error(ErrorCode::InvalidArgument, "set_stream: this session runs on the CPU: it has no CUDA stream");
+}
+void* Executor::stream() const { return nullptr; }
 
 Session::Session(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Session::~Session() = default;
@@ -225,40 +283,39 @@ std::vector<float> Session::forward(std::span<const float> x, std::span<const in
 }
 
 SampleResult Session::sample(const SampleOptions& o) {
-  const Model& model = *impl_->model;
-  Scheduler scheduler(model.schedule());
-  TimestepPlan plan;
-  if (!o.timesteps.empty()) {
-    plan = scheduler.custom_timesteps(o.timesteps);
-  } else {
-    if (o.steps < 1) throw Error(ErrorCode::InvalidArgument, "steps must be at least 1, got " + std::to_string(o.steps));
-    if (o.spacing == Spacing::Custom)
-      throw Error(ErrorCode::InvalidArgument, "spacing 'custom' needs a timestep list (SampleOptions::timesteps)");
-    plan = scheduler.timesteps(o.steps, o.spacing, o.steps_offset);
-  }
-  if (!(o.eta >= 0.0) || o.eta > 1e6) throw Error(ErrorCode::InvalidArgument, "eta must be >= 0, got " + std::to_string(o.eta));
-  const std::size_t S = plan.timesteps.size(), N = impl_->batch(), E = impl_->sample_elements();
-  if (!o.x_T.empty()) impl_->check_batch(o.x_T, "x_T");
-  if (!o.noise.empty()) {
-    if (o.eta == 0.0)
-      throw Error(ErrorCode::InvalidArgument, "per-step noise was given but eta = 0, where no noise is added; use eta > 0");
-    if (o.noise.size() != S * N * E)
-      throw Error(ErrorCode::InvalidArgument, "noise has " + std::to_string(o.noise.size()) + " values; expected (S, N, C, H, W) with S = " +
-                                                  std::to_string(S) + " steps taken and N = " + std::to_string(N));
-  }
-  StepOptions so{o.eta, o.use_clipped_model_output, o.clip_sample, o.set_alpha_to_one};
-  SampleJob job = impl_->new_job(o.seed);
-  job.timesteps = plan.timesteps;
-  for (const auto& c : scheduler.coefficients(plan.timesteps, so)) job.steps.push_back(make_step_params(c, model.schedule(), so));
-  job.x_T = o.x_T;
-  job.noise = o.noise;
-  job.want_trajectory = o.want_trajectory;
-  job.want_x0 = o.want_x0;
-  job.progress = o.progress;
-  job.output_on_device = o.output_on_device;
-  SampleResult r = impl_->run(job);
+  const TimestepPlan plan = impl_->plan_of(o);
+  SampleResult r = impl_->run(impl_->sample_job(o, plan));
   r.warning = plan.warning;
   return r;
+}
+
+TimestepPlan Session::timestep_plan(const SampleOptions& o) const { return impl_->plan_of(o); }
+
+TimestepPlan Session::sample_async(const SampleOptions& o) {
+  impl_->require_cuda("sample_async");
+  if (!o.output_device) throw Error(ErrorCode::InvalidArgument, "sample_async needs output_device (the caller's device buffer)");
+  if (o.progress) throw Error(ErrorCode::InvalidArgument, "sample_async takes no progress callback (it returns before the steps run)");
+  if (o.want_trajectory || o.want_x0 || o.output_on_device)
+    throw Error(ErrorCode::InvalidArgument, "sample_async returns no host results: no trajectory, x0 or output_on_device");
+  if (!o.x_T.empty() || !o.noise.empty())
+    throw Error(ErrorCode::InvalidArgument, "sample_async reads x_T and noise from device memory only (x_T_device, noise_device) "
+                                            "or draws them from the seeds");
+  TimestepPlan plan = impl_->plan_of(o);
+  SampleJob job = impl_->sample_job(o, plan);
+  job.async = true;
+  SampleResult r;
+  impl_->executor->sample(job, r);
+  return plan;
+}
+
+void Session::set_stream(void* cuda_stream) {
+  impl_->require_cuda("set_stream");
+  impl_->executor->set_stream(cuda_stream);
+}
+
+void* Session::stream() const {
+  impl_->require_cuda("stream");
+  return impl_->executor->stream();
 }
 
 SampleResult Session::sample_ddpm(const DdpmOptions& o) {
@@ -275,7 +332,7 @@ SampleResult Session::sample_ddpm(const DdpmOptions& o) {
   const VarianceType variance = o.variance.value_or(model.schedule().variance_type);
 
   // The DDIM loop runs DDPM unchanged: each step's parameters select the DDPM update.
-  SampleJob job = impl_->new_job(o.seed);
+  SampleJob job = impl_->new_job(o.seed, o.seeds);
   for (int t = T - 1; t >= 0; --t) {
     job.timesteps.push_back(t);
     job.steps.push_back(make_ddpm_step_params(t, ac, model.schedule(), variance, o.clip_sample));

@@ -59,6 +59,87 @@ TEST_CASE("sampler: a sample is the same alone (batch 1) and at position 3 of a 
   }
 }
 
+TEST_CASE("sampler: per-sample seeds: a batch with seeds [9, 2, 5] equals three lone samples, DDIM and DDPM") {
+  auto model = test::tiny_model();
+  const std::vector<std::uint64_t> seeds{9, 2, 5};
+  for (double eta : {0.0, 0.7}) {
+    SampleOptions o;
+    o.steps = 6;
+    o.eta = eta;
+    o.seeds = seeds;
+    o.want_trajectory = true;
+    const auto batch = test::cpu_session(model, 3)->sample(o);
+    auto lone = test::cpu_session(model, 1, 1);
+    for (std::size_t i = 0; i < seeds.size(); ++i) {
+      SampleOptions one;
+      one.steps = 6;
+      one.eta = eta;
+      one.seed = seeds[i];
+      CHECK_MESSAGE(bitwise_equal(lone->sample(one).images, std::span(batch.images).subspan(i * kE, kE)), "eta " << eta << " seed " << seeds[i]);
+      // x_T of sample i is initial_noise(seeds[i]).
+      CHECK(bitwise_equal(initial_noise(seeds[i], kE), std::span(batch.trajectory).subspan(i * kE, kE)));
+    }
+  }
+  // seed + i is the default: seeds {4, 5, 6} equals seed 4.
+  SampleOptions by_seed;
+  by_seed.steps = 4;
+  by_seed.eta = 1.0;
+  by_seed.seed = 4;
+  SampleOptions by_list = by_seed;
+  by_list.seed = 999;  // ignored when seeds are given
+  by_list.seeds = {4, 5, 6};
+  auto s3 = test::cpu_session(model, 3);
+  CHECK(bitwise_equal(s3->sample(by_seed).images, s3->sample(by_list).images));
+  // One seed per sample, or none.
+  by_list.seeds = {1, 2};
+  CHECK_THROWS_WITH_AS(s3->sample(by_list), doctest::Contains("one seed per sample"), Error);
+
+  // DDPM: the same promise, on a 20-timestep schedule.
+  ScheduleConfig sc;
+  sc.num_train_timesteps = 20;
+  auto short_model = test::tiny_model(1, sc);
+  DdpmOptions d;
+  d.seeds = {9, 2, 5};
+  const auto ddpm_batch = test::cpu_session(short_model, 3)->sample_ddpm(d);
+  auto ddpm_lone = test::cpu_session(short_model, 1, 1);
+  for (std::size_t i = 0; i < 3; ++i) {
+    DdpmOptions one;
+    one.seed = d.seeds[i];
+    CHECK(bitwise_equal(ddpm_lone->sample_ddpm(one).images, std::span(ddpm_batch.images).subspan(i * kE, kE)));
+  }
+  d.seeds = {1};
+  CHECK_THROWS_WITH_AS(test::cpu_session(short_model, 3)->sample_ddpm(d), doctest::Contains("one seed per sample"), Error);
+}
+
+TEST_CASE("sampler: timestep_plan gives the timesteps sample() visits, before sampling") {
+  auto model = test::tiny_model();
+  auto s = test::cpu_session(model, 1);
+  SampleOptions o;
+  o.steps = 30;
+  o.spacing = Spacing::Uniform;  // 31 distinct timesteps for 30 asked
+  const TimestepPlan plan = s->timestep_plan(o);
+  CHECK(plan.requested == 30);
+  CHECK(plan.timesteps.size() == 31);
+  CHECK_FALSE(plan.warning.empty());
+  o.want_trajectory = true;
+  o.want_x0 = true;
+  const auto r = s->sample(o);
+  CHECK(r.timesteps == plan.timesteps);
+  CHECK(r.trajectory.size() == (plan.timesteps.size() + 1) * kE);
+  CHECK(r.x0.size() == plan.timesteps.size() * kE);
+  // Custom lists and the model's default spacing; the same errors as sample().
+  SampleOptions custom;
+  custom.timesteps = {900, 500, 20};
+  CHECK(s->timestep_plan(custom).timesteps == custom.timesteps);
+  CHECK(s->timestep_plan(SampleOptions{}).timesteps == Scheduler(model->schedule()).timesteps(50).timesteps);
+  SampleOptions bad;
+  bad.steps = 0;
+  CHECK_THROWS_WITH_AS(s->timestep_plan(bad), doctest::Contains("steps"), Error);
+  bad.steps = 5;
+  bad.timesteps = {10, 20};
+  CHECK_THROWS_AS(s->timestep_plan(bad), Error);
+}
+
 TEST_CASE("sampler: different seeds differ at eta > 0 even from the same x_T") {
   auto model = test::tiny_model();
   auto s = test::cpu_session(model, 1);

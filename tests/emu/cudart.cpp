@@ -671,6 +671,30 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
 
 cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
 
+cudaError_t cudaStreamGetDevice(cudaStream_t s, int* device) {
+  Lock lock(device_mutex());
+  if (!device) return set_last_error(cudaErrorInvalidValue);
+  if (!resolve(s)) return set_last_error(cudaErrorInvalidResourceHandle);
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attr, const void* p) {
+  Lock lock(device_mutex());
+  if (!attr) return set_last_error(cudaErrorInvalidValue);
+  std::memset(attr, 0, sizeof *attr);
+  if (mem::is_device(p)) {
+    attr->type = cudaMemoryTypeDevice;
+    attr->device = 0;
+    attr->devicePointer = const_cast<void*>(p);
+  } else {
+    attr->type = cudaMemoryTypeUnregistered;  // ordinary host memory, as CUDA 11+ reports it
+    attr->device = -2;
+    attr->hostPointer = const_cast<void*>(p);
+  }
+  return cudaSuccess;
+}
+
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
   Lock lock(device_mutex());
   Stream* st = resolve(s);

@@ -119,17 +119,31 @@ int ParsedArgs::integer(std::string_view name, std::int64_t min, std::int64_t ma
                                     std::min<std::int64_t>(max, std::numeric_limits<int>::max())));
 }
 
-std::uint64_t ParsedArgs::u64(std::string_view name) const {
-  const std::string text = str(name);
+std::uint64_t parse_u64(std::string_view text, std::string_view what) {
   std::uint64_t value = 0;
   const char* end = text.data() + text.size();
   const auto [ptr, ec] = std::from_chars(text.data(), end, value);
-  if (ec == std::errc::result_out_of_range) throw UsageError(std::string(name) + ": " + quoted(text) + " is too large");
+  if (ec == std::errc::result_out_of_range) throw UsageError(std::string(what) + ": " + quoted(std::string(text)) + " is too large");
   if (ec != std::errc() || ptr != end || text.empty()) {
-    throw UsageError(std::string(name) + ": " + quoted(text) + " is not a non-negative integer");
+    throw UsageError(std::string(what) + ": " + quoted(std::string(text)) + " is not a non-negative integer");
   }
   return value;
 }
+
+std::vector<std::uint64_t> parse_u64_list(std::string_view text, std::string_view what) {
+  std::vector<std::uint64_t> values;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t comma = text.find(',', start);
+    const std::string_view item = text.substr(start, comma == std::string_view::npos ? text.npos : comma - start);
+    values.push_back(parse_u64(item, std::string(what) + " entry " + std::to_string(values.size() + 1)));
+    if (comma == std::string_view::npos) break;
+    start = comma + 1;
+  }
+  return values;
+}
+
+std::uint64_t ParsedArgs::u64(std::string_view name) const { return parse_u64(str(name), name); }
 
 double ParsedArgs::real(std::string_view name, double min, double max) const {
   return parse_real(str(name), name, min, max);

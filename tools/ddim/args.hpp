@@ -76,5 +76,8 @@ std::int64_t parse_int(std::string_view text, std::string_view what, std::int64_
 double parse_real(std::string_view text, std::string_view what, double min, double max);
 // "999,750,500": a comma-separated list of integers in [min, max].
 std::vector<int> parse_int_list(std::string_view text, std::string_view what, int min, int max);
+// "9,2,5": a comma-separated list of non-negative 64-bit integers (seeds).
+std::uint64_t parse_u64(std::string_view text, std::string_view what);
+std::vector<std::uint64_t> parse_u64_list(std::string_view text, std::string_view what);
 
 }  // namespace ddim::cli

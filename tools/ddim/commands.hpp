@@ -58,6 +58,7 @@ void check_finite(std::span<const float> data, const std::string& what);
 
 // "999,979,959": a timestep list as the options take it.
 std::string join(const std::vector<int>& values);
+std::string join(const std::vector<std::uint64_t>& values);
 
 // A one-line progress bar on stderr (for use when stderr is a terminal).
 ProgressCallback make_progress_bar();

@@ -111,11 +111,17 @@ void check_finite(std::span<const float> data, const std::string& what) {
   }
 }
 
-std::string join(const std::vector<int>& values) {
+namespace {
+template <class T>
+std::string join_values(const std::vector<T>& values) {
   std::string out;
   for (std::size_t i = 0; i < values.size(); ++i) out += (i > 0 ? "," : "") + std::to_string(values[i]);
   return out;
 }
+}  // namespace
+
+std::string join(const std::vector<int>& values) { return join_values(values); }
+std::string join(const std::vector<std::uint64_t>& values) { return join_values(values); }
 
 ProgressCallback make_progress_bar() {
   const auto start = std::chrono::steady_clock::now();

@@ -27,6 +27,7 @@ constexpr OptionSpec kOptions[] = {
     {"--steps", "N", "50", "number of DDIM steps"},
     {"--eta", "X", "0", "DDIM eta: 0 is deterministic, 1 is DDPM-like"},
     {"--seed", "N", "0", "base seed; sample i uses seed + i"},
+    {"--seeds", "LIST", "", "one seed per sample instead, e.g. 9,2,5 (the batch is their count); a sample depends on its own seed only"},
     {"--batch", "N", "16", "number of samples; with --x-T, its N"},
     {"--spacing", "NAME", "", "leading|trailing|linspace|uniform|quadratic|log (default: the model's)"},
     {"--timesteps", "LIST", "", "custom timesteps, strictly decreasing, e.g. 999,750,500,250,0"},
@@ -65,12 +66,24 @@ int run_sample(const ParsedArgs& args) {
   const int steps = args.integer("--steps", 1, 1'000'000);
   const double eta = args.real("--eta", 0.0, 1e6);
   const std::uint64_t seed = args.u64("--seed");
-  const int batch_option = args.integer("--batch", 1, 1 << 20);
+  int batch_option = args.integer("--batch", 1, 1 << 20);
+  std::vector<std::uint64_t> seeds;
+  if (const auto list = args.get("--seeds")) {
+    if (args.given("--seed")) throw UsageError("give --seed (sample i uses seed + i) or --seeds (one per sample), not both");
+    seeds = parse_u64_list(*list, "--seeds");
+    if (seeds.size() > static_cast<std::size_t>(kMaxBatch))
+      throw UsageError("--seeds: " + std::to_string(seeds.size()) + " seeds; at most " + std::to_string(kMaxBatch));
+    if (args.given("--batch") && static_cast<std::size_t>(batch_option) != seeds.size())
+      throw UsageError("--batch " + std::to_string(batch_option) + " disagrees with --seeds, which lists " +
+                       std::to_string(seeds.size()) + " seeds");
+    batch_option = static_cast<int>(seeds.size());
+  }
 
   SampleOptions options;
   options.steps = steps;
   options.eta = eta;
   options.seed = seed;
+  options.seeds = seeds;
   read_timestep_options(args, steps, options.spacing, options.timesteps);
   options.clip_sample = args.on_off("--clip-sample");
   options.set_alpha_to_one = args.on_off("--set-alpha-to-one");
@@ -104,6 +117,7 @@ int run_sample(const ParsedArgs& args) {
         throw UsageError("--variance: '" + *variance + "' (expected fixed_small or fixed_large)");
     }
     ddpm_options.seed = seed;
+    ddpm_options.seeds = seeds;
     ddpm_options.clip_sample = options.clip_sample;
   } else if (args.given("--variance")) {
     throw UsageError("--variance applies to --sampler ddpm only");
@@ -154,8 +168,8 @@ int run_sample(const ParsedArgs& args) {
     }
     check_shape(x_T.shape, std::vector<std::int64_t>{-1, channels, height, width}, what,
                 "(N, C, H, W) with the model's channels and the sample size");
-    if (args.given("--batch") && x_T.shape[0] != batch_option) {
-      throw Error(ErrorCode::InvalidArgument, "--batch " + std::to_string(batch_option) + " disagrees with " + what +
+    if ((args.given("--batch") || !seeds.empty()) && x_T.shape[0] != batch_option) {
+      throw Error(ErrorCode::InvalidArgument, std::string(seeds.empty() ? "--batch " : "--seeds' count ") + std::to_string(batch_option) + " disagrees with " + what +
                                                   ", which holds " + std::to_string(x_T.shape[0]) + " samples");
     }
     check_finite(x_T.data, what);
@@ -235,7 +249,8 @@ int run_sample(const ParsedArgs& args) {
     const std::int64_t shape[] = {n, c, h, w};
     if (out_png) {
       tools::TextChunks text = common_text;
-      text.emplace_back("seed", std::to_string(seed));
+      if (seeds.empty()) text.emplace_back("seed", std::to_string(seed));
+      else text.emplace_back("seeds", join(seeds));
       text.emplace_back("batch", std::to_string(n));
       files.emplace_back(*out, tools::encode_png(tools::batch_to_grid(result.images, result.n, result.c, result.h,
                                                                       result.w),
@@ -247,7 +262,7 @@ int run_sample(const ParsedArgs& args) {
   if (out_dir) {
     const std::size_t per_image = static_cast<std::size_t>(c * h * w);
     for (int i = 0; i < result.n; ++i) {
-      const std::uint64_t image_seed = seed + static_cast<std::uint64_t>(i);
+      const std::uint64_t image_seed = seeds.empty() ? seed + static_cast<std::uint64_t>(i) : seeds[static_cast<std::size_t>(i)];
       tools::TextChunks text = common_text;
       text.emplace_back("seed", std::to_string(image_seed));
       text.emplace_back("index", std::to_string(i));

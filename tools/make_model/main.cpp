@@ -16,7 +16,9 @@ namespace {
 void usage(FILE* f) {
   std::fprintf(f,
                "usage: ddim-make-model --preset tiny|small|cifar10-32|celebahq-256 --out FILE [--seed 0] [--dtype f32|f16|bf16]\n"
-               "  Writes a ddim model file with random weights (PyTorch's default init scale).\n"
+               "                       [--train-timesteps 1000]\n"
+               "  Writes a ddim model file with random weights (PyTorch's default init scale) and a linear\n"
+               "  beta schedule (1e-4 .. 0.02) over --train-timesteps steps (fewer make DDPM runs short, for tests).\n"
                "  tiny:       32x32 RGB, channels (32, 64), attention at 16x16, 1 layer per block\n"
                "  small:      32x32 RGB, channels (64, 128, 128), attention at 16x16, 2 layers per block\n"
                "  cifar10-32: the google/ddpm-cifar10-32 architecture (35.7M parameters)\n"
@@ -28,6 +30,7 @@ void usage(FILE* f) {
 int main(int argc, char** argv) {
   std::string preset, out;
   std::uint64_t seed = 0;
+  int train_timesteps = 1000;
   ddim::format::DType dtype = ddim::format::DType::F32;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -48,6 +51,13 @@ int main(int argc, char** argv) {
       auto r = std::from_chars(v.data(), v.data() + v.size(), seed);
       if (r.ec != std::errc() || r.ptr != v.data() + v.size()) {
         std::fprintf(stderr, "ddim-make-model: error: --seed needs a non-negative integer, got '%s'\n", v.c_str());
+        return 2;
+      }
+    } else if (a == "--train-timesteps") {
+      std::string v = value();
+      auto r = std::from_chars(v.data(), v.data() + v.size(), train_timesteps);
+      if (r.ec != std::errc() || r.ptr != v.data() + v.size() || train_timesteps < 2 || train_timesteps > 100000) {
+        std::fprintf(stderr, "ddim-make-model: error: --train-timesteps needs an integer in [2, 100000], got '%s'\n", v.c_str());
         return 2;
       }
     } else if (a == "--dtype") {
@@ -88,7 +98,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    ddim::ScheduleConfig schedule;  // linear betas 1e-4..0.02 over 1000 steps, epsilon
+    ddim::ScheduleConfig schedule;  // linear betas 1e-4..0.02, epsilon
+    schedule.num_train_timesteps = train_timesteps;
     ddim::format::write_file(out, ddim::graph::make_random_model_file(c, schedule, seed, dtype));
     std::printf("wrote %s (%s, %lld parameters, random weights, seed %llu)\n", out.c_str(), preset.c_str(),
                 static_cast<long long>(ddim::graph::build_unet2d(c).parameter_count()), static_cast<unsigned long long>(seed));

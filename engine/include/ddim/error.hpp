@@ -3,6 +3,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "ddim/export.hpp"
+
 namespace ddim {
 
 enum class ErrorCode {
@@ -16,9 +18,9 @@ enum class ErrorCode {
   Internal,         // a bug in ddim: please report it
 };
 
-const char* to_string(ErrorCode code) noexcept;
+DDIM_API const char* to_string(ErrorCode code) noexcept;
 
-class Error : public std::runtime_error {
+class DDIM_API Error : public std::runtime_error {
  public:
   Error(ErrorCode code, const std::string& message);
   ErrorCode code() const noexcept { return code_; }

@@ -8,6 +8,7 @@
 #include <span>
 #include <string>
 
+#include "ddim/export.hpp"
 #include "ddim/schedule.hpp"
 
 namespace ddim {
@@ -23,7 +24,7 @@ struct ModelInfo {
   std::map<std::string, std::int64_t> tensors_by_dtype;  // "F32" -> count, as stored in the file
 };
 
-class Model {
+class DDIM_API Model {
  public:
   // Reads and validates a model file. Every problem is a ddim::Error (InvalidFile or Io) naming
   // the key or tensor at fault; nothing is allocated for tensor data before validation passes.

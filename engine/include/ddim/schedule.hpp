@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "ddim/export.hpp"
+
 namespace ddim {
 
 enum class BetaSchedule { Linear, ScaledLinear, SquaredCosCapV2 };
@@ -17,20 +19,20 @@ enum class PredictionType { Epsilon, VPrediction, Sample };
 enum class Spacing { Leading, Trailing, Linspace, Uniform, Quadratic, Log, Custom };
 enum class VarianceType { FixedSmall, FixedSmallLog, FixedLarge, FixedLargeLog, Learned, LearnedRange };
 
-const char* to_string(BetaSchedule) noexcept;
-const char* to_string(PredictionType) noexcept;
-const char* to_string(Spacing) noexcept;
-const char* to_string(VarianceType) noexcept;
+DDIM_API const char* to_string(BetaSchedule) noexcept;
+DDIM_API const char* to_string(PredictionType) noexcept;
+DDIM_API const char* to_string(Spacing) noexcept;
+DDIM_API const char* to_string(VarianceType) noexcept;
 // Parse the diffusers spelling ("scaled_linear", "v_prediction", "trailing", "fixed_small", ...).
 // Throws ddim::Error(InvalidArgument) naming the accepted values.
-BetaSchedule parse_beta_schedule(const std::string&);
-PredictionType parse_prediction_type(const std::string&);
-Spacing parse_spacing(const std::string&);
-VarianceType parse_variance_type(const std::string&);
+DDIM_API BetaSchedule parse_beta_schedule(const std::string&);
+DDIM_API PredictionType parse_prediction_type(const std::string&);
+DDIM_API Spacing parse_spacing(const std::string&);
+DDIM_API VarianceType parse_variance_type(const std::string&);
 
 // The schedule a model was trained with and its sampling defaults. Defaults are diffusers'
 // DDIMScheduler defaults.
-struct ScheduleConfig {
+struct DDIM_API ScheduleConfig {
   int num_train_timesteps = 1000;
   BetaSchedule beta_schedule = BetaSchedule::Linear;
   double beta_start = 0.0001;
@@ -77,7 +79,7 @@ struct StepOptions {
   std::optional<bool> set_alpha_to_one;
 };
 
-class Scheduler {
+class DDIM_API Scheduler {
  public:
   // Validates the config and computes alphas_cumprod (double).
   explicit Scheduler(ScheduleConfig config);

@@ -2,8 +2,12 @@
 // ddim::Session: a model planned on one backend for one batch size, precision and sample size.
 //
 // Thread safety: a Model is immutable and may be shared freely. A Session is NOT thread-safe:
-// use one session per thread (sessions are cheap to make relative to a model load). Free
-// functions and ddim::Scheduler are thread-safe (const methods).
+// use one session per thread (sessions are cheap to make relative to a model load); const
+// queries (plan_info, model, backend, timestep_plan) may run concurrently with each other but
+// not with another call. Free functions and ddim::Scheduler are thread-safe (const methods).
+//
+// Compatibility: the C++ API promises source compatibility within a major version only (struct
+// layouts and the C++ ABI may change); the stable ABI is the C API, ddim/ddim.h.
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -24,14 +28,14 @@ struct DdpmOptions;   // ddim/toolkit.hpp
 enum class BackendKind { Auto, Cpu, Cuda };
 enum class Precision { Auto, FP32, FP16, BF16 };  // Auto: fp16 on CUDA, fp32 on the CPU
 
-const char* to_string(BackendKind) noexcept;
-const char* to_string(Precision) noexcept;
-BackendKind parse_backend(const std::string&);  // "auto", "cpu", "cuda"
-Precision parse_precision(const std::string&);  // "auto", "fp32", "fp16", "bf16"
+DDIM_API const char* to_string(BackendKind) noexcept;
+DDIM_API const char* to_string(Precision) noexcept;
+DDIM_API BackendKind parse_backend(const std::string&);  // "auto", "cpu", "cuda"
+DDIM_API Precision parse_precision(const std::string&);  // "auto", "fp32", "fp16", "bf16"
 
 // Number of usable CUDA devices; 0 when built without CUDA or when the driver or device is
 // missing (e.g. "CUDA driver version is insufficient"). Never throws.
-int cuda_device_count() noexcept;
+DDIM_API int cuda_device_count() noexcept;
 
 // The largest batch a session takes, on every backend (a CUDA grid dimension holds 65535 blocks).
 inline constexpr int kMaxBatch = 65535;
@@ -57,15 +61,22 @@ struct SessionOptions {
 };
 
 // Called after every step with (steps done, steps total); return false to cancel (the call then
-// throws ddim::Error with ErrorCode::Cancelled).
+// throws ddim::Error with ErrorCode::Cancelled). (The C API's callback cancels by returning
+// non-zero.)
 using ProgressCallback = std::function<bool(int done, int total)>;
+
+// The element type of images a CUDA session writes into a caller's device buffer.
+enum class OutputType { Float32, SessionPrecision };
 
 struct SampleOptions {
   int steps = 50;
   std::optional<Spacing> spacing;        // default: the model's timestep_spacing
   std::vector<int> timesteps;            // a custom list (overrides steps and spacing)
   double eta = 0.0;
-  std::uint64_t seed = 0;                // sample i of the batch uses seed + i
+  std::uint64_t seed = 0;                // sample i of the batch uses seed + i ...
+  std::vector<std::uint64_t> seeds;      // ... unless given here, one per sample (N). A sample's
+                                         // x_T and per-step noise depend on its own seed only, so
+                                         // unrelated requests can share a batch.
   std::span<const float> x_T;            // optional: (N, C, H, W) start; default from the seeds
   std::span<const float> noise;          // optional: (S, N, C, H, W) unit normal, per step taken
   std::optional<bool> clip_sample;       // defaults: the model's schedule
@@ -78,6 +89,17 @@ struct SampleOptions {
   // CUDA sessions: leave the final images on the device (SampleResult::device_images) instead of
   // copying them to the host, for callers who keep working on the GPU. Ignored on the CPU.
   bool output_on_device = false;
+  // CUDA sessions, the caller's device memory (on the session's device; a host pointer or
+  // another device's is InvalidArgument; a CPU session refuses them):
+  //   x_T_device    (N, C, H, W) fp32 start, instead of x_T;
+  //   noise_device  (S, N, C, H, W) fp32 per-step noise, instead of noise (eta > 0);
+  //   output_device the final images (N, C, H, W), written there instead of SampleResult::images,
+  //                 as fp32 or in the session's precision (output_type). The session reads and
+  //                 writes them in order on its stream (set_stream).
+  const float* x_T_device = nullptr;
+  const float* noise_device = nullptr;
+  void* output_device = nullptr;
+  OutputType output_type = OutputType::Float32;
 };
 
 struct SampleResult {
@@ -109,7 +131,7 @@ struct PlanInfo {
                                           // exists: why the CUDA backend could not be used
 };
 
-class Session {
+class DDIM_API Session {
  public:
   static std::unique_ptr<Session> create(std::shared_ptr<const Model> model, const SessionOptions& options);
   ~Session();
@@ -133,6 +155,32 @@ class Session {
   using NodeOutputCallback = std::function<void(const std::string& node, const std::vector<std::int64_t>& shape,
                                                 std::span<const float> values)>;
   std::vector<float> forward(std::span<const float> x, std::span<const int> t, const NodeOutputCallback& dump);
+
+  // The timesteps sample(options) visits (the count can differ from options.steps, e.g. uniform
+  // spacing), without sampling: the size of what it returns, e.g. trajectory (S + 1, N, C, H, W)
+  // and x0 (S, N, C, H, W), and of noise it needs. Throws like sample() on bad options.
+  TimestepPlan timestep_plan(const SampleOptions& options) const;
+
+  // ---- CUDA sessions in the caller's GPU pipeline (a CPU session throws InvalidArgument)
+  // Every later call enqueues its work, graph launches included, on `cuda_stream` (a
+  // cudaStream_t of the session's device; nullptr: the session's own stream). The session makes
+  // the new stream wait for what it enqueued on the old one (an event, no host synchronisation),
+  // so its own buffers stay ordered; the caller orders its buffers (inputs, outputs) on the new
+  // stream itself. The stream must stay valid while the session uses it: until the session is
+  // destroyed or given another stream (set_stream(nullptr) returns to its own).
+  void set_stream(void* cuda_stream);
+  void* stream() const;
+  // The whole sample enqueued on the session's stream, returning at once: no host
+  // synchronisation, no progress callback. The images are in options.output_device when the
+  // stream reaches that point. Needs output_device; x_T / noise from the seeds or from device
+  // pointers (x_T_device, noise_device); no trajectory, x0, progress or output_on_device. The
+  // first call of a new shape may allocate (and so synchronise). Returns the timesteps enqueued.
+  // It may be captured into the caller's own CUDA graph (cudaStreamBeginCapture on the session's
+  // stream, then sample_async, then cudaStreamEndCapture): the launches go into that graph, with
+  // the seeds and step parameters of the call baked in. A call with the same options outside the
+  // capture must come first (it allocates and uploads); otherwise InvalidArgument, before
+  // anything is enqueued. sample() refuses a capturing stream (it waits for its results).
+  TimestepPlan sample_async(const SampleOptions& options);
 
   const PlanInfo& plan_info() const noexcept;
   const Model& model() const noexcept;

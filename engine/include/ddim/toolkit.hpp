@@ -49,8 +49,8 @@
 namespace ddim {
 
 enum class ModelTime { Current, Next };
-const char* to_string(ModelTime) noexcept;
-ModelTime parse_model_time(const std::string&);  // "current", "next"
+DDIM_API const char* to_string(ModelTime) noexcept;
+DDIM_API ModelTime parse_model_time(const std::string&);  // "current", "next"
 
 struct InvertOptions {
   int steps = 50;
@@ -84,7 +84,8 @@ struct InvertResult {
 // z of step s (s = 0 .. T-1, t = T-1-s) for sample i is Philox noise keyed by (seed + i,
 // kNoiseStreamStep, s), as DDIM's per-step noise, or the caller's noise[s, i]. x_T as in sample().
 struct DdpmOptions {
-  std::uint64_t seed = 0;                 // sample i of the batch uses seed + i
+  std::uint64_t seed = 0;                 // sample i of the batch uses seed + i ...
+  std::vector<std::uint64_t> seeds;       // ... unless given here, one per sample (N)
   std::span<const float> x_T;             // optional: (N, C, H, W) start; default from the seeds
   std::span<const float> noise;           // optional: (T, N, C, H, W) unit normal, per step (the
                                           // last slice, t = 0, is unused)
@@ -102,10 +103,10 @@ struct DdpmOptions {
 // linear, (1 - t) a + t b, when sin(theta) < 1e-6 (parallel or antiparallel) or a norm is 0.
 // t = 0 returns a and t = 1 returns b exactly (copies of the inputs). Throws
 // ddim::Error(InvalidArgument) on sizes that differ, empty or non-finite inputs, or t outside [0, 1].
-std::vector<float> slerp(std::span<const float> a, std::span<const float> b, double t);
+DDIM_API std::vector<float> slerp(std::span<const float> a, std::span<const float> b, double t);
 
 // The initial x_T (count = C * H * W values) that Session::sample draws for a sample whose seed is
 // `seed` (sample i of a batch uses seed + i): Philox normal noise, stream kNoiseStreamInitial.
-std::vector<float> initial_noise(std::uint64_t seed, std::size_t count);
+DDIM_API std::vector<float> initial_noise(std::uint64_t seed, std::size_t count);
 
 }  // namespace ddim
