@@ -202,7 +202,7 @@ std::shared_ptr<const Model> Model::load(const std::filesystem::path& path) {
 std::shared_ptr<const Model> Model::load_from_memory(std::span<const std::uint8_t> bytes, const std::string& name) {
   ReadFn read = [&](std::uint64_t at, std::span<std::uint8_t> out) {
     if (at > bytes.size() || out.size() > bytes.size() - at) throw Error(ErrorCode::Internal, name + ": read past the end");
-    std::memcpy(out.data(), bytes.data() + at, out.size());
+    if (!out.empty()) std::memcpy(out.data(), bytes.data() + at, out.size());  // (an empty span's data() may be null)
   };
   return std::shared_ptr<const Model>(new Model(load_impl(name, bytes.size(), read)));
 }

@@ -18,6 +18,7 @@
 
 #include "ddim/error.hpp"
 #include "format/container.hpp"
+#include "fuzz_capture.hpp"
 
 namespace df = ddim::format;
 using ddim::ErrorCode;
@@ -41,6 +42,7 @@ Bytes make_file(std::string_view header, std::size_t data_bytes = 0) {
 
 // What a loader does: read the prefix, then validate the header against the file size.
 df::Container parse_file(const Bytes& bytes) {
+  ddim::test::fuzz_capture_file(bytes);
   const std::span<const std::uint8_t> all(bytes);
   const std::uint64_t n = df::read_header_length(all.first(std::min<std::size_t>(8, all.size())), all.size());
   return df::parse_header(all.subspan(8, static_cast<std::size_t>(n)), all.size());
@@ -82,6 +84,11 @@ void expect_invalid_header(std::string_view header, std::size_t data_bytes,
 
 void expect_invalid_json(std::string_view text, std::initializer_list<std::string_view> needles) {
   INFO("json: " << text);
+  {
+    std::string input(8, '\0');  // the header harness's input: a data size of 0, then the JSON
+    input.append(text);
+    ddim::test::fuzz_capture("header", std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(input.data()), input.size()));
+  }
   expect_invalid_from([&] { (void)df::parse_json_strict(text, "graph"); }, needles);
 }
 

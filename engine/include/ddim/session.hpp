@@ -5,6 +5,7 @@
 // use one session per thread (sessions are cheap to make relative to a model load); const
 // queries (plan_info, model, backend, timestep_plan) may run concurrently with each other but
 // not with another call. Free functions and ddim::Scheduler are thread-safe (const methods).
+// tests/tsan/test_concurrency.cpp checks these statements under ThreadSanitizer.
 //
 // Compatibility: the C++ API promises source compatibility within a major version only (struct
 // layouts and the C++ ABI may change); the stable ABI is the C API, ddim/ddim.h.
@@ -62,7 +63,8 @@ struct SessionOptions {
 
 // Called after every step with (steps done, steps total); return false to cancel (the call then
 // throws ddim::Error with ErrorCode::Cancelled). (The C API's callback cancels by returning
-// non-zero.)
+// non-zero.) It runs on the thread that made the call, between steps, so it may read a flag that
+// another thread sets (an std::atomic) to cancel from there; tests/tsan checks this.
 using ProgressCallback = std::function<bool(int done, int total)>;
 
 // The element type of images a CUDA session writes into a caller's device buffer.
