@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <set>
 #include <sstream>
@@ -12,6 +11,8 @@
 
 #include "ddim/error.hpp"
 #include "format/container.hpp"
+#include "format/input_file.hpp"
+#include "host_memory.hpp"
 #include "format/model_metadata.hpp"
 #include "graph/passes.hpp"
 #include "model_impl.hpp"
@@ -32,7 +33,9 @@ std::string shape_str(const std::vector<std::int64_t>& s) {
 using ReadFn = std::function<void(std::uint64_t at, std::span<std::uint8_t> out)>;
 
 std::unique_ptr<Model::Impl> load_impl(const std::string& source, std::uint64_t file_size, const ReadFn& read) {
-  auto invalid = [&](const std::string& msg) { return Error(ErrorCode::InvalidFile, source + ": " + msg); };
+  auto invalid = [&](const std::string& msg) {
+    return Error(ErrorCode::InvalidFile, format::detail::bounded_message(source + ": " + msg));
+  };
   if (file_size < 8) throw invalid("file is " + std::to_string(file_size) + " bytes, too short for a model file" + kReexport);
   std::uint8_t prefix[8];
   read(0, prefix);
@@ -186,17 +189,13 @@ Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Model::~Model() = default;
 
 std::shared_ptr<const Model> Model::load(const std::filesystem::path& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error(ErrorCode::Io, path.string() + ": cannot open (" + std::strerror(errno) + ")");
-  std::error_code ec;
-  const std::uint64_t size = std::filesystem::file_size(path, ec);
-  if (ec) throw Error(ErrorCode::Io, path.string() + ": cannot read its size (" + ec.message() + ")");
-  ReadFn read = [&](std::uint64_t at, std::span<std::uint8_t> out) {
-    f.seekg(std::streamoff(at));
-    f.read(reinterpret_cast<char*>(out.data()), std::streamsize(out.size()));
-    if (!f) throw Error(ErrorCode::Io, path.string() + ": read failed at byte " + std::to_string(at));
-  };
-  return std::shared_ptr<const Model>(new Model(load_impl(path.string(), size, read)));
+  return with_host_memory_errors("loading " + format::quote_path(path.string()), [&] {
+    // A regular file only (a FIFO would block here forever); every byte is copied into the
+    // model, so later changes to the file (rewritten, truncated) do not affect it.
+    const format::InputFile file(path);
+    ReadFn read = [&](std::uint64_t at, std::span<std::uint8_t> out) { file.read_at(at, out); };
+    return std::shared_ptr<const Model>(new Model(load_impl(file.display_name(), file.size(), read)));
+  });
 }
 
 std::shared_ptr<const Model> Model::load_from_memory(std::span<const std::uint8_t> bytes, const std::string& name) {
@@ -204,7 +203,9 @@ std::shared_ptr<const Model> Model::load_from_memory(std::span<const std::uint8_
     if (at > bytes.size() || out.size() > bytes.size() - at) throw Error(ErrorCode::Internal, name + ": read past the end");
     if (!out.empty()) std::memcpy(out.data(), bytes.data() + at, out.size());  // (an empty span's data() may be null)
   };
-  return std::shared_ptr<const Model>(new Model(load_impl(name, bytes.size(), read)));
+  return with_host_memory_errors("loading " + name, [&] {
+    return std::shared_ptr<const Model>(new Model(load_impl(name, bytes.size(), read)));
+  });
 }
 
 const ModelInfo& Model::info() const noexcept { return impl_->info; }
@@ -215,7 +216,7 @@ std::string Model::summary() const {
   std::map<std::string, int> ops;
   for (const auto& n : g.nodes) ops[graph::to_string(n.op)] += 1;
   std::ostringstream s;
-  s << "sample (" << g.in_channels << ", " << g.height << ", " << g.width << ") -> " << g.values[g.output].name << " ("
+  s << "sample (" << g.in_channels << ", " << g.height << ", " << g.width << ") -> " << format::quote_path(g.values[g.output].name) << " ("
     << g.values[g.output].c << ", " << g.values[g.output].h << ", " << g.values[g.output].w << ")\n";
   s << g.nodes.size() << " nodes:";
   for (const auto& [op, n] : ops) s << " " << op << " x" << n;
@@ -224,7 +225,7 @@ std::string Model::summary() const {
   for (const auto& n : g.nodes)
     if (n.op == graph::Op::Attention) {
       const auto& v = g.values[n.inputs[0]];
-      s << "attention '" << n.name << "': " << v.h << "x" << v.w << " tokens, " << v.c << " channels, " << n.heads
+      s << "attention " << format::quote_path(n.name) << ": " << v.h << "x" << v.w << " tokens, " << v.c << " channels, " << n.heads
         << (n.heads == 1 ? " head" : " heads") << "\n";
     }
   return s.str();

@@ -7,7 +7,9 @@
 #include "cpu/ops.hpp"
 #include "ddim/error.hpp"
 #include "cpu/thread_pool.hpp"
+#include "host_memory.hpp"
 #include "kernels/philox.h"
+#include "sampler/finite.hpp"
 #include "sampler/noise.hpp"
 #include "schedule/ddim_params.hpp"
 
@@ -36,6 +38,8 @@ CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& optio
       scratch = std::max(scratch, attention_scratch_floats(batch_, x.c, x.h * x.w, d, pool_.get()));
     }
   }
+  check_fits_host_memory(std::uint64_t(mem_.arena_bytes) + std::uint64_t(scratch) * sizeof(float),
+                         "cpu: the activation arena for batch " + std::to_string(batch_));
   try {
     arena_.assign(mem_.arena_bytes / sizeof(float), 0.f);
     scratch_.assign(scratch, 0.f);
@@ -185,6 +189,23 @@ void CpuExecutor::forward_unfolded(std::span<const float> x, std::span<const int
   std::copy(vals[g_.output].begin(), vals[g_.output].end(), out.begin());
 }
 
+std::string CpuExecutor::locate_nonfinite(std::span<const float> x, std::span<const int> t) {
+  std::string where;
+  try {
+    std::vector<float> out(std::size_t(batch_) * out_elems());
+    forward_unfolded(x, t, out, [&](const Node& n, const graph::Value& v, const float* data) {
+      if (!where.empty()) return;
+      const std::size_t count = std::size_t(batch_) * std::size_t(v.elements());
+      if (first_nonfinite(std::span<const float>(data, count)) != kAllFinite) where = node_location(n.name, graph::to_string(n.op));
+    });
+  } catch (const Error&) {
+    return "";  // only a diagnosis: the caller reports the non-finite value anyway
+  } catch (const std::bad_alloc&) {
+    return "";
+  }
+  return where;
+}
+
 void CpuExecutor::forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
                                const Session::NodeOutputCallback& dump) {
   forward_unfolded(x, t, out, [&](const Node& n, const graph::Value& v, const float* data) {
@@ -207,12 +228,32 @@ void CpuExecutor::sample(const SampleJob& job, SampleResult& result) {
   if (!job.x_T.empty()) std::copy(job.x_T.begin(), job.x_T.end(), x.begin());
   else
     for (std::size_t b = 0; b < N; ++b) fill_normal(job.seeds[b], kNoiseStreamInitial, 0, std::span<float>(x.data() + b * E, E));
+  // The whole trajectory / x0 history up front (the session checked the sizes): running out of
+  // memory is reported before the first step, not after the last.
+  if (job.want_trajectory) check_fits_host_memory((S + 1) * N * E * sizeof(float), "cpu: the trajectory");
+  if (job.want_x0) check_fits_host_memory(S * N * E * sizeof(float), "cpu: the x0 history");
+  try {
+    if (job.want_trajectory) result.trajectory.reserve((S + 1) * N * E);
+    if (job.want_x0) result.x0.reserve(S * N * E);
+  } catch (const std::bad_alloc&) {
+    throw Error(ErrorCode::OutOfMemory, "cpu: cannot allocate the " + std::string(job.want_trajectory ? "trajectory" : "x0") +
+                                            " history of " + std::to_string(S) + " steps x " + std::to_string(N * E) +
+                                            " values (out of host memory)");
+  }
   if (job.want_trajectory) result.trajectory.assign(x.begin(), x.end());
-  if (job.want_x0) result.x0.reserve(S * N * E);
   std::vector<int> rows(N);
+  const auto step_name = [&](std::size_t s) {
+    return "step " + std::to_string(s + 1) + " of " + std::to_string(S) + " (timestep " + std::to_string(job.timesteps[s]) + ")";
+  };
   for (std::size_t s = 0; s < S; ++s) {
     std::fill(rows.begin(), rows.end(), int(s));
     run_step(x.data(), rows, eps.data());
+    if (const std::size_t bad = first_nonfinite(eps); bad != kAllFinite) {
+      const std::vector<int> t(N, job.timesteps[s]);
+      throw Error(ErrorCode::InvalidArgument, step_name(s) + ": the network's output is NaN or infinite at " +
+                                                  element_location(bad, out_elems()) + locate_nonfinite(x, t) +
+                                                  nonfinite_hint());
+    }
     const DdimStepParams& p = job.steps[s];
     for (std::size_t b = 0; b < N; ++b) {
       std::span<float> xb(x.data() + b * E, E);
@@ -227,6 +268,12 @@ void CpuExecutor::sample(const SampleJob& job, SampleResult& result) {
       }
       ddim_step_sample(p, xb, eb, zb, x0, xb, job.dynamic_thresholding_ratio, job.sample_max_value);
       if (job.want_x0) result.x0.insert(result.x0.end(), x0.begin(), x0.end());
+      if (const std::size_t bad = first_nonfinite(xb); bad != kAllFinite) {
+        throw Error(ErrorCode::InvalidArgument, step_name(s) + ": the sampler's update gives NaN or Inf at " +
+                                                    element_location(b * E + bad, E) +
+                                                    " from a finite network output (the sample or the noise is too "
+                                                    "large for float32)");
+      }
     }
     if (job.want_trajectory) result.trajectory.insert(result.trajectory.end(), x.begin(), x.end());
     if (job.progress && !job.progress(int(s + 1), int(S)))

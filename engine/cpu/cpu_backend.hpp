@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "backend.hpp"
@@ -41,6 +42,10 @@ class CpuExecutor final : public Executor {
   // buffer (the reference for the folding test and the source of --dump).
   void forward_unfolded(std::span<const float> x, std::span<const int> t, std::span<float> out,
                         const NodeObserver& observer = {});
+
+  // "; it first appears in the output of node 'conv_in' (conv2d)": the first node whose output
+  // holds NaN or Inf for this input (unfolded forward, one buffer per node), or "" if none does.
+  std::string locate_nonfinite(std::span<const float> x, std::span<const int> t);
 
   const graph::Graph& graph() const { return g_; }
   const graph::TimeFolding& folding() const { return fold_; }

@@ -96,10 +96,14 @@ ThreadPool::ThreadPool(int threads) : state_(new State) {
     state_->workers.reserve(static_cast<std::size_t>(threads - 1));
     for (int i = 1; i < threads; ++i) state_->workers.emplace_back([s = state_] { s->worker_loop(); });
   } catch (const std::exception& e) {
+    // std::system_error (EAGAIN: out of memory for the stacks, or a thread limit) or bad_alloc:
+    // a resource limit, which the caller can meet with fewer threads.
+    const std::size_t started = state_->workers.size() + 1;
     state_->shutdown();
     delete state_;
-    throw Error(ErrorCode::Internal,
-                std::string("cpu thread pool: could not start ") + std::to_string(threads) + " threads: " + e.what());
+    throw Error(ErrorCode::OutOfMemory, "cpu thread pool: could not start " + std::to_string(threads) +
+                                            " threads (" + std::to_string(started) + " started: " + e.what() +
+                                            "); out of memory or of threads: use fewer (SessionOptions::threads)");
   }
 }
 

@@ -22,19 +22,11 @@ using nlohmann::json;
 constexpr const char* kHint = "re-export the model with tools/export.py";
 constexpr std::uint64_t kInt64Max = static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
 
-[[noreturn]] void fail(const std::string& detail) {
-  throw Error(ErrorCode::InvalidFile, "model file: " + detail + "; " + kHint);
+[[noreturn]] void fail(const std::string& message) {
+  throw Error(ErrorCode::InvalidFile, detail::bounded_message("model file: " + message + "; " + kHint));
 }
 
-// A JSON value for an error message, cut short (at a UTF-8 boundary) when long.
-std::string short_dump(const json& v) {
-  constexpr std::size_t kMax = 60;
-  std::string s = v.dump();
-  if (s.size() <= kMax) return s;
-  std::size_t cut = kMax;
-  while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0u) == 0x80u) --cut;
-  return s.substr(0, cut) + "...";
-}
+std::string short_dump(const json& v) { return detail::short_json(v); }
 
 std::string shape_string(const std::vector<std::int64_t>& shape) {
   std::string s = "[";

@@ -86,6 +86,12 @@ void write_file(const std::string& path, const std::vector<std::uint8_t>& bytes)
 namespace detail {
 // A name for an error message: quoted, control characters escaped, cut short when very long.
 std::string quote_name(std::string_view s);
+// A JSON value for an error message: compact, cut short (at a UTF-8 boundary) past 60 bytes.
+std::string short_json(const nlohmann::json& v);
+// A whole error message made one bounded line: control characters escaped (\n, \xNN), cut
+// short past `max` bytes ("... (N more bytes)"). Every message about a hostile file goes through
+// it, so no file content can make a message multi-line or megabytes long.
+std::string bounded_message(std::string_view message, std::size_t max = 2000);
 // Product of a shape; false when an entry is negative or the product exceeds INT64_MAX.
 bool checked_numel(const std::vector<std::int64_t>& shape, std::uint64_t& numel) noexcept;
 }  // namespace detail

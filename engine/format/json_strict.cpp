@@ -20,8 +20,8 @@ constexpr const char* kHint = "re-export the model with tools/export.py";
 // Nesting beyond this is rejected: no ddim document comes close, a hostile one might.
 constexpr std::size_t kMaxJsonDepth = 128;
 
-[[noreturn]] void fail(const std::string& what, const std::string& detail) {
-  throw Error(ErrorCode::InvalidFile, what + ": " + detail + "; " + kHint);
+[[noreturn]] void fail(const std::string& what, const std::string& message) {
+  throw Error(ErrorCode::InvalidFile, detail::bounded_message(what + ": " + message + "; " + kHint));
 }
 
 // Returns the length of the valid UTF-8 sequence at s[i], or 0 with `why` set when it is invalid.
@@ -213,6 +213,41 @@ std::string quote_name(std::string_view s) {
   }
   if (s.size() > kMax) out += "...";
   out += "\"";
+  return out;
+}
+
+std::string short_json(const nlohmann::json& v) {
+  constexpr std::size_t kMax = 60;
+  std::string s = v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  if (s.size() <= kMax) return s;
+  std::size_t cut = kMax;
+  while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0u) == 0x80u) --cut;
+  return s.substr(0, cut) + "...";
+}
+
+std::string bounded_message(std::string_view message, std::size_t max) {
+  std::string out;
+  std::size_t i = 0;
+  for (; i < message.size() && out.size() < max; ++i) {
+    const auto c = static_cast<unsigned char>(message[i]);
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c < 0x20 || c == 0x7F) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 0xF];
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  if (i < message.size()) {
+    while (i > 0 && i < message.size() && (static_cast<unsigned char>(message[i]) & 0xC0u) == 0x80u) {
+      out.pop_back();  // do not end inside a UTF-8 sequence
+      --i;
+    }
+    out += "... (" + std::to_string(message.size() - i) + " more bytes)";
+  }
   return out;
 }
 

@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "ddim/error.hpp"
+#include "format/container.hpp"
 
 namespace ddim::format {
 
@@ -12,8 +13,9 @@ using nlohmann::json;
 namespace {
 
 [[noreturn]] void bad(const std::string& key, const std::string& msg) {
-  throw Error(ErrorCode::InvalidFile, "ddim.schedule: key '" + key + "' " + msg +
-                                          " (re-export the model with tools/export.py; keys are listed in weights/FORMAT.md)");
+  throw Error(ErrorCode::InvalidFile,
+              detail::bounded_message("ddim.schedule: key '" + key + "' " + msg +
+                                      " (re-export the model with tools/export.py; keys are listed in weights/FORMAT.md)"));
 }
 
 }  // namespace
@@ -26,23 +28,23 @@ ParsedSchedule parse_schedule(const json& j) {
     const std::string& k = it.key();
     const json& v = *it;
     auto num = [&]() {
-      if (!v.is_number()) bad(k, "must be a number, got " + v.dump());
+      if (!v.is_number()) bad(k, "must be a number, got " + detail::short_json(v));
       double x = v.get<double>();
       if (!std::isfinite(x)) bad(k, "must be finite");
       return x;
     };
     auto integer = [&]() {
-      if (!v.is_number_integer()) bad(k, "must be an integer, got " + v.dump());
+      if (!v.is_number_integer()) bad(k, "must be an integer, got " + detail::short_json(v));
       auto x = v.get<std::int64_t>();
-      if (x < 0 || x > std::numeric_limits<int>::max()) bad(k, "is out of range: " + v.dump());
+      if (x < 0 || x > std::numeric_limits<int>::max()) bad(k, "is out of range: " + detail::short_json(v));
       return int(x);
     };
     auto boolean = [&]() {
-      if (!v.is_boolean()) bad(k, "must be true or false, got " + v.dump());
+      if (!v.is_boolean()) bad(k, "must be true or false, got " + detail::short_json(v));
       return v.get<bool>();
     };
     auto str = [&]() {
-      if (!v.is_string()) bad(k, "must be a string, got " + v.dump());
+      if (!v.is_string()) bad(k, "must be a string, got " + detail::short_json(v));
       return v.get<std::string>();
     };
     auto parse_enum = [&](auto fn) {
@@ -77,7 +79,7 @@ ParsedSchedule parse_schedule(const json& j) {
     try {
       c.validate();
     } catch (const Error& e) {
-      throw Error(ErrorCode::InvalidFile, std::string("ddim.schedule: ") + e.what());
+      throw Error(ErrorCode::InvalidFile, detail::bounded_message(std::string("ddim.schedule: ") + e.what()));
     }
   }
   return out;

@@ -9,6 +9,8 @@
 #include <nlohmann/json.hpp>
 
 #include "ddim/error.hpp"
+#include "ddim/session.hpp"
+#include "format/container.hpp"
 
 namespace ddim::graph {
 
@@ -18,7 +20,9 @@ namespace {
 
 const char* const kHint = " (re-export the model with tools/export.py; the schema is in weights/FORMAT.md)";
 
-[[noreturn]] void fail(const std::string& msg) { throw Error(ErrorCode::InvalidFile, "graph: " + msg + kHint); }
+[[noreturn]] void fail(const std::string& msg) {
+  throw Error(ErrorCode::InvalidFile, format::detail::bounded_message("graph: " + msg + kHint));
+}
 
 struct OpSpec {
   Op op;
@@ -66,7 +70,7 @@ class Attrs {
       if (!dflt) fail(where(key) + " is required");
       return *dflt;
     }
-    if (!v->is_number_integer()) fail(where(key) + " must be an integer, got " + v->dump());
+    if (!v->is_number_integer()) fail(where(key) + " must be an integer, got " + format::detail::short_json(*v));
     auto x = v->get<std::int64_t>();
     if (x < min_value || x > std::numeric_limits<int>::max())
       fail(where(key) + " = " + std::to_string(x) + " is out of range (minimum " + std::to_string(min_value) + ")");
@@ -75,7 +79,7 @@ class Attrs {
   double number(const char* key, double dflt) const {
     const json* v = get(key);
     if (!v) return dflt;
-    if (!v->is_number()) fail(where(key) + " must be a number, got " + v->dump());
+    if (!v->is_number()) fail(where(key) + " must be a number, got " + format::detail::short_json(*v));
     double x = v->get<double>();
     if (!std::isfinite(x)) fail(where(key) + " must be finite");
     return x;
@@ -83,7 +87,7 @@ class Attrs {
   bool boolean(const char* key, bool dflt) const {
     const json* v = get(key);
     if (!v) return dflt;
-    if (!v->is_boolean()) fail(where(key) + " must be true or false, got " + v->dump());
+    if (!v->is_boolean()) fail(where(key) + " must be true or false, got " + format::detail::short_json(*v));
     return v->get<bool>();
   }
   // An int or a list of `n` ints (each >= min_value), or (when n2 > 0) a list of n2 ints.
@@ -95,7 +99,7 @@ class Attrs {
     }
     std::vector<int> out;
     auto take = [&](const json& e) {
-      if (!e.is_number_integer()) fail(where(key) + " must hold integers, got " + v->dump());
+      if (!e.is_number_integer()) fail(where(key) + " must hold integers, got " + format::detail::short_json(*v));
       auto x = e.get<std::int64_t>();
       if (x < min_value || x > 1 << 20) fail(where(key) + " has an out-of-range entry " + std::to_string(x));
       out.push_back(static_cast<int>(x));
@@ -107,7 +111,7 @@ class Attrs {
     }
     if (!v->is_array() || (v->size() != n && (n2 == 0 || v->size() != n2)))
       fail(where(key) + " must be an integer or a list of " + std::to_string(n) +
-           (n2 ? " or " + std::to_string(n2) : std::string()) + " integers, got " + v->dump());
+           (n2 ? " or " + std::to_string(n2) : std::string()) + " integers, got " + format::detail::short_json(*v));
     for (const auto& e : *v) take(e);
     return out;
   }
@@ -310,10 +314,10 @@ void infer_shapes(Graph& g, int height, int width) {
   auto bad = [&](const Node& n, const std::string& msg) -> void {
     std::string text = "node '" + n.name + "' (" + to_string(n.op) + "): " + msg;
     if (declared) fail(text);
-    throw Error(ErrorCode::InvalidArgument, "sample size " + std::to_string(height) + "x" + std::to_string(width) +
-                                                " does not fit the network: " + text);
+    throw Error(ErrorCode::InvalidArgument, format::detail::bounded_message("sample size " + std::to_string(height) + "x" +
+                                                                            std::to_string(width) + " does not fit the network: " + text));
   };
-  if (height < 1 || width < 1 || height > 16384 || width > 16384)
+  if (height < 1 || width < 1 || height > kMaxSampleSize || width > kMaxSampleSize)
     throw Error(ErrorCode::InvalidArgument, "sample size " + std::to_string(height) + "x" + std::to_string(width) + " is out of range");
   g.values[g.sample] = {"sample", Kind::Spatial, g.in_channels, height, width, -1};
   for (auto& n : g.nodes) {

@@ -2,14 +2,18 @@
 // timestep plan and per-step coefficients), then the backend's executor runs the loop.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <thread>
+#include <tuple>
 
 #include "backend.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "ddim/session.hpp"
 #include "ddim/toolkit.hpp"
+#include "host_memory.hpp"
 #include "model_impl.hpp"
+#include "sampler/finite.hpp"
 #include "sampler/inversion.hpp"
 #include "schedule/ddim_params.hpp"
 
@@ -72,12 +76,59 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
                                                 std::to_string(model->info().in_channels) + ", " + std::to_string(height) + ", " +
                                                 std::to_string(width) + ")");
   }
+  // Throws unless every value of a caller's array is finite.
+  static void check_finite(std::span<const float> v, const std::string& what, std::size_t per_sample) {
+    if (const std::size_t bad = first_nonfinite(v); bad != kAllFinite)
+      throw Error(ErrorCode::InvalidArgument, what + " holds NaN or Inf (first at " + element_location(bad, per_sample) + ")");
+  }
+  // Throws before any work when S steps of history ((S + 1) slices for a trajectory) cannot even
+  // be addressed; the executor then allocates them up front (OutOfMemory when they do not fit).
+  void check_history(std::size_t S, bool trajectory, bool x0) const {
+    const std::size_t per_step = batch() * sample_elements();
+    for (const auto& [wanted, slices, name] : {std::tuple{trajectory, S + 1, "trajectory"}, std::tuple{x0, S, "x0"}}) {
+      if (!wanted) continue;
+      if (per_step != 0 && slices > std::numeric_limits<std::size_t>::max() / sizeof(float) / per_step)
+        throw Error(ErrorCode::InvalidArgument, std::string("the ") + name + " of " + std::to_string(slices) + " x " +
+                                                    std::to_string(per_step) + " values is too large to address");
+    }
+  }
+  // "; it first appears in the output of node ..." for a forward pass whose output is not finite.
+  std::string locate_nonfinite(std::span<const float> x, std::span<const int> t) const {
+    const graph::Graph& g = model->impl().graph;
+    std::string where;
+    try {
+      std::vector<float> out(batch() * std::size_t(g.values[g.output].c) * std::size_t(height) * std::size_t(width));
+      executor->forward_dump(x, t, out, [&](const std::string& node, const std::vector<std::int64_t>&, std::span<const float> v) {
+        if (!where.empty() || first_nonfinite(v) == kAllFinite) return;
+        for (const graph::Node& n : g.nodes)
+          if (n.name == node) where = node_location(node, graph::to_string(n.op));
+      });
+    } catch (const std::exception&) {
+      return "";  // only a diagnosis
+    }
+    return where;
+  }
+  // Throws when a forward pass's output is not finite, naming the first node where it is not.
+  void check_forward_output(std::span<const float> out, std::span<const float> x, std::span<const int> t,
+                            const std::string& what) const {
+    const std::size_t bad = first_nonfinite(out);
+    if (bad == kAllFinite) return;
+    const graph::Graph& g = model->impl().graph;
+    const std::size_t per = std::size_t(g.values[g.output].c) * std::size_t(height) * std::size_t(width);
+    throw Error(ErrorCode::InvalidArgument, what + ": the network's output is NaN or infinite at " +
+                                                element_location(bad, per) + locate_nonfinite(x, t) + nonfinite_hint());
+  }
   // A job with the per-sample seeds (`seeds`, one per sample, or seed + i) and the schedule's
   // thresholding settings.
   SampleJob new_job(std::uint64_t seed, const std::vector<std::uint64_t>& seeds = {}) const {
     if (!seeds.empty() && seeds.size() != batch())
       throw Error(ErrorCode::InvalidArgument, "seeds has " + std::to_string(seeds.size()) + " entries; the session's batch is " +
                                                   std::to_string(batch()) + " (one seed per sample, or none)");
+    if (seeds.empty() && seed > std::numeric_limits<std::uint64_t>::max() - (batch() - 1))
+      throw Error(ErrorCode::InvalidArgument,
+                  "seed " + std::to_string(seed) + ": sample i of the batch uses seed + i, which passes 2^64 - 1 for the last " +
+                      "samples of a batch of " + std::to_string(batch()) + " (use a seed <= " +
+                      std::to_string(std::numeric_limits<std::uint64_t>::max() - (batch() - 1)) + ", or one seed per sample)");
     SampleJob job;
     if (!seeds.empty()) job.seeds = seeds;
     else
@@ -101,12 +152,17 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
   }
   // The job of a sample call, every option checked.
   SampleJob sample_job(const SampleOptions& o, const TimestepPlan& plan) const {
-    if (!(o.eta >= 0.0) || o.eta > 1e6) throw Error(ErrorCode::InvalidArgument, "eta must be >= 0, got " + std::to_string(o.eta));
+    if (!(o.eta >= 0.0 && o.eta <= 1e6))  // false for NaN too
+      throw Error(ErrorCode::InvalidArgument, "eta must be finite and in [0, 1e6] (0: deterministic DDIM, 1: DDPM-like), got " +
+                                                  std::to_string(o.eta));
     const std::size_t S = plan.timesteps.size(), N = batch(), E = sample_elements();
     if (!o.x_T.empty()) check_batch(o.x_T, "x_T");
     if (!o.noise.empty() && o.noise.size() != S * N * E)
       throw Error(ErrorCode::InvalidArgument, "noise has " + std::to_string(o.noise.size()) + " values; expected (S, N, C, H, W) with S = " +
                                                   std::to_string(S) + " steps taken and N = " + std::to_string(N));
+    check_finite(o.x_T, "x_T", E);
+    check_finite(o.noise, "noise", N * E);
+    check_history(S, o.want_trajectory, o.want_x0);
     if ((!o.noise.empty() || o.noise_device) && o.eta == 0.0)
       throw Error(ErrorCode::InvalidArgument, "per-step noise was given but eta = 0, where no noise is added; use eta > 0");
     if (o.x_T_device) require_cuda("x_T_device");
@@ -148,6 +204,7 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
       const DdimStepParams& explicit_step = plan.steps[k];
       std::fill(t.begin(), t.end(), plan.model_timesteps[k]);
       executor->forward(x, t, out);
+      check_forward_output(out, x, t, "invert: step " + std::to_string(k + 1) + " of " + std::to_string(S));
       for (std::size_t b = 0; b < N; ++b)
         ddim_step_sample(explicit_step, std::span<const float>(x).subspan(b * E, E), std::span<const float>(out).subspan(b * E, E),
                          {}, x0_pred, std::span<float>(y).subspan(b * E, E), 0.995, 1.0);
@@ -161,6 +218,8 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
       std::fill(t.begin(), t.end(), plan.timesteps[k]);
       for (int j = 0; j < o.refine; ++j) {
         executor->forward(y, t, out);
+        check_forward_output(out, y, t, "invert: step " + std::to_string(k + 1) + " of " + std::to_string(S) + ", refinement " +
+                                            std::to_string(j + 1));
         for (std::size_t b = 0; b < N; ++b) {
           const float* yb = y.data() + b * E;
           const float* ob = out.data() + b * E;
@@ -170,6 +229,10 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
                            std::span<float>(y).subspan(b * E, E), 0.995, 1.0);
         }
       }
+      if (const std::size_t bad = first_nonfinite(y); bad != kAllFinite)
+        throw Error(ErrorCode::InvalidArgument, "invert: step " + std::to_string(k + 1) + " of " + std::to_string(S) +
+                                                    ": the update gives NaN or Inf at " + element_location(bad, E) +
+                                                    nonfinite_hint());
       x.swap(y);
       if (o.want_trajectory) r.trajectory.insert(r.trajectory.end(), x.begin(), x.end());
       if (o.progress && !o.progress(int(k + 1), int(S)))
@@ -182,6 +245,8 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
     return r;
   }
 
+  std::vector<float> forward(std::span<const float> x, std::span<const int> t, const NodeOutputCallback& dump) const;
+
   // Runs the job on the executor; the result's shape and visited timesteps filled in.
   SampleResult run(const SampleJob& job) const {
     SampleResult r;
@@ -191,6 +256,11 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
     r.w = width;
     r.timesteps = job.timesteps;
     executor->sample(job, r);
+    // The CPU executor checks every step; this catches what any backend returns to the host.
+    if (const std::size_t bad = first_nonfinite(r.images); bad != kAllFinite)
+      throw Error(ErrorCode::InvalidArgument, "the result holds NaN or Inf at " + element_location(bad, sample_elements()) +
+                                                  " (run on the CPU backend to find the step and the node)" +
+                                                  nonfinite_hint());
     return r;
   }
 };
@@ -210,83 +280,96 @@ std::unique_ptr<Session> Session::create(std::shared_ptr<const Model> model, con
   if (options.batch < 1 || options.batch > kMaxBatch)
     throw Error(ErrorCode::InvalidArgument,
                 "batch must be in [1, " + std::to_string(kMaxBatch) + "], got " + std::to_string(options.batch));
-  if (options.threads < 0 || options.threads > 1024)
-    throw Error(ErrorCode::InvalidArgument, "threads must be in [0, 1024], got " + std::to_string(options.threads));
+  if (options.threads < 0 || options.threads > kMaxThreads)
+    throw Error(ErrorCode::InvalidArgument,
+                "threads must be in [0, " + std::to_string(kMaxThreads) + "], got " + std::to_string(options.threads));
   if ((options.height == 0) != (options.width == 0))
     throw Error(ErrorCode::InvalidArgument, "give both height and width, or neither");
   if (options.height < 0 || options.width < 0) throw Error(ErrorCode::InvalidArgument, "height and width must be positive");
-  auto impl = std::make_unique<Impl>();
-  impl->model = model;
-  impl->options = options;
-  impl->height = options.height ? options.height : model->info().height;
-  impl->width = options.width ? options.width : model->info().width;
-  ExecutorContext ctx{model, impl->height, impl->width};
+  const std::string what = "planning a session (batch " + std::to_string(options.batch) + ")";
+  return with_host_memory_errors(what, [&]() -> std::unique_ptr<Session> {
+    auto impl = std::make_unique<Impl>();
+    impl->model = model;
+    impl->options = options;
+    impl->height = options.height ? options.height : model->info().height;
+    impl->width = options.width ? options.width : model->info().width;
+    ExecutorContext ctx{model, impl->height, impl->width};
 
-  auto make_cpu = [&]() {
-    if (options.precision == Precision::FP16 || options.precision == Precision::BF16)
-      throw Error(ErrorCode::Unsupported, std::string("the CPU backend computes in fp32 only; precision ") +
-                                              to_string(options.precision) + " needs the CUDA backend");
-    impl->backend = BackendKind::Cpu;
-    impl->executor = std::make_unique<cpu::CpuExecutor>(ctx, options);
-  };
-  switch (options.backend) {
-    case BackendKind::Cpu: make_cpu(); break;
-    case BackendKind::Cuda:
-      if (cuda::device_count() <= options.device || options.device < 0)
-        throw Error(ErrorCode::InvalidArgument, "CUDA device " + std::to_string(options.device) + " is not available (" +
-                                                    std::to_string(cuda::device_count()) + " usable CUDA devices)");
-      impl->backend = BackendKind::Cuda;
-      impl->executor = cuda::make_executor(ctx, options);
-      break;
-    case BackendKind::Auto: {
-      std::string fallback;
-      if (cuda::device_count() > options.device && options.device >= 0) {
-        try {
-          impl->backend = BackendKind::Cuda;
-          impl->executor = cuda::make_executor(ctx, options);
-          break;
-        } catch (const Error& e) {
-          // The caller's own mistakes are reported; anything the device could not do (an
-          // unsupported op or precision, too little memory, a device or library failure) falls
-          // back to the CPU with the reason in plan_info().fallback.
-          if (e.code() == ErrorCode::InvalidArgument || e.code() == ErrorCode::InvalidFile) throw;
-          fallback = std::string(to_string(e.code())) + ": " + e.what();
+    auto make_cpu = [&]() {
+      if (options.precision == Precision::FP16 || options.precision == Precision::BF16)
+        throw Error(ErrorCode::Unsupported, std::string("the CPU backend computes in fp32 only; precision ") +
+                                                to_string(options.precision) + " needs the CUDA backend");
+      impl->backend = BackendKind::Cpu;
+      impl->executor = std::make_unique<cpu::CpuExecutor>(ctx, options);
+    };
+    switch (options.backend) {
+      case BackendKind::Cpu: make_cpu(); break;
+      case BackendKind::Cuda:
+        if (cuda::device_count() <= options.device || options.device < 0)
+          throw Error(ErrorCode::InvalidArgument, "CUDA device " + std::to_string(options.device) + " is not available (" +
+                                                      std::to_string(cuda::device_count()) + " usable CUDA devices)");
+        impl->backend = BackendKind::Cuda;
+        impl->executor = cuda::make_executor(ctx, options);
+        break;
+      case BackendKind::Auto: {
+        std::string fallback;
+        if (cuda::device_count() > options.device && options.device >= 0) {
+          try {
+            impl->backend = BackendKind::Cuda;
+            impl->executor = cuda::make_executor(ctx, options);
+            break;
+          } catch (const Error& e) {
+            // The caller's own mistakes are reported; anything the device could not do (an
+            // unsupported op or precision, too little memory, a device or library failure) falls
+            // back to the CPU with the reason in plan_info().fallback.
+            if (e.code() == ErrorCode::InvalidArgument || e.code() == ErrorCode::InvalidFile) throw;
+            fallback = std::string(to_string(e.code())) + ": " + e.what();
+          }
         }
+        if (!fallback.empty() && (options.precision == Precision::FP16 || options.precision == Precision::BF16))
+          throw Error(ErrorCode::Unsupported, "the CUDA backend failed (" + fallback + ") and the CPU backend has no " +
+                                                  to_string(options.precision));
+        make_cpu();
+        impl->fallback = std::move(fallback);
+        break;
       }
-      if (!fallback.empty() && (options.precision == Precision::FP16 || options.precision == Precision::BF16))
-        throw Error(ErrorCode::Unsupported, "the CUDA backend failed (" + fallback + ") and the CPU backend has no " +
-                                                to_string(options.precision));
-      make_cpu();
-      impl->fallback = std::move(fallback);
-      break;
     }
-  }
-  impl->info = impl->executor->plan_info();
-  impl->info.fallback = impl->fallback;
-  return std::unique_ptr<Session>(new Session(std::move(impl)));
+    impl->info = impl->executor->plan_info();
+    impl->info.fallback = impl->fallback;
+    return std::unique_ptr<Session>(new Session(std::move(impl)));
+  });
 }
 
 std::vector<float> Session::forward(std::span<const float> x, std::span<const int> t) { return forward(x, t, {}); }
 
 std::vector<float> Session::forward(std::span<const float> x, std::span<const int> t, const NodeOutputCallback& dump) {
-  const auto& sched = impl_->model->schedule();
+  return with_host_memory_errors("forward", [&] { return impl_->forward(x, t, dump); });
+}
+
+std::vector<float> Session::Impl::forward(std::span<const float> x, std::span<const int> t,
+                                          const NodeOutputCallback& dump) const {
+  const auto& sched = model->schedule();
   for (int ti : t)
     if (ti < 0 || ti >= sched.num_train_timesteps)
       throw Error(ErrorCode::InvalidArgument, "forward: timestep " + std::to_string(ti) + " is outside [0, " +
                                                   std::to_string(sched.num_train_timesteps) + ")");
-  const auto& g = impl_->model->impl().graph;
-  std::vector<float> out(std::size_t(impl_->options.batch) * std::size_t(g.values[g.output].c) * std::size_t(impl_->height) *
-                         std::size_t(impl_->width));
-  if (dump) impl_->executor->forward_dump(x, t, out, dump);
-  else impl_->executor->forward(x, t, out);
+  check_finite(x, "forward: x", sample_elements());
+  const auto& g = model->impl().graph;
+  std::vector<float> out(std::size_t(options.batch) * std::size_t(g.values[g.output].c) * std::size_t(height) *
+                         std::size_t(width));
+  if (dump) executor->forward_dump(x, t, out, dump);
+  else executor->forward(x, t, out);
+  check_forward_output(out, x, t, "forward");
   return out;
 }
 
 SampleResult Session::sample(const SampleOptions& o) {
-  const TimestepPlan plan = impl_->plan_of(o);
-  SampleResult r = impl_->run(impl_->sample_job(o, plan));
-  r.warning = plan.warning;
-  return r;
+  return with_host_memory_errors("sample", [&] {
+    const TimestepPlan plan = impl_->plan_of(o);
+    SampleResult r = impl_->run(impl_->sample_job(o, plan));
+    r.warning = plan.warning;
+    return r;
+  });
 }
 
 TimestepPlan Session::timestep_plan(const SampleOptions& o) const { return impl_->plan_of(o); }
@@ -319,66 +402,71 @@ void* Session::stream() const {
 }
 
 SampleResult Session::sample_ddpm(const DdpmOptions& o) {
-  const Model& model = *impl_->model;
-  const Scheduler scheduler(model.schedule());
-  const std::vector<double>& ac = scheduler.alphas_cumprod();
-  const int T = model.schedule().num_train_timesteps;
-  const std::size_t N = impl_->batch(), E = impl_->sample_elements();
-  if (!o.x_T.empty()) impl_->check_batch(o.x_T, "sample_ddpm: x_T");
-  if (!o.noise.empty() && o.noise.size() != std::size_t(T) * N * E)
-    throw Error(ErrorCode::InvalidArgument, "sample_ddpm: noise has " + std::to_string(o.noise.size()) +
-                                                " values; expected (T, N, C, H, W) with T = " + std::to_string(T) +
-                                                " training timesteps and N = " + std::to_string(N));
-  const VarianceType variance = o.variance.value_or(model.schedule().variance_type);
+  return with_host_memory_errors("sample_ddpm", [&] {
+    const Model& model = *impl_->model;
+    const Scheduler scheduler(model.schedule());
+    const std::vector<double>& ac = scheduler.alphas_cumprod();
+    const int T = model.schedule().num_train_timesteps;
+    const std::size_t N = impl_->batch(), E = impl_->sample_elements();
+    if (!o.x_T.empty()) impl_->check_batch(o.x_T, "sample_ddpm: x_T");
+    if (!o.noise.empty() && o.noise.size() != std::size_t(T) * N * E)
+      throw Error(ErrorCode::InvalidArgument, "sample_ddpm: noise has " + std::to_string(o.noise.size()) +
+                                                  " values; expected (T, N, C, H, W) with T = " + std::to_string(T) +
+                                                  " training timesteps and N = " + std::to_string(N));
+    Impl::check_finite(o.x_T, "sample_ddpm: x_T", E);
+    Impl::check_finite(o.noise, "sample_ddpm: noise", N * E);
+    impl_->check_history(std::size_t(T), o.want_trajectory, o.want_x0);
+    const VarianceType variance = o.variance.value_or(model.schedule().variance_type);
 
-  // The DDIM loop runs DDPM unchanged: each step's parameters select the DDPM update.
-  SampleJob job = impl_->new_job(o.seed, o.seeds);
-  for (int t = T - 1; t >= 0; --t) {
-    job.timesteps.push_back(t);
-    job.steps.push_back(make_ddpm_step_params(t, ac, model.schedule(), variance, o.clip_sample));
-  }
-  job.x_T = o.x_T;
-  job.noise = o.noise;
-  job.want_trajectory = o.want_trajectory;
-  job.want_x0 = o.want_x0;
-  job.progress = o.progress;
-  return impl_->run(job);
+    // The DDIM loop runs DDPM unchanged: each step's parameters select the DDPM update.
+    SampleJob job = impl_->new_job(o.seed, o.seeds);
+    for (int t = T - 1; t >= 0; --t) {
+      job.timesteps.push_back(t);
+      job.steps.push_back(make_ddpm_step_params(t, ac, model.schedule(), variance, o.clip_sample));
+    }
+    job.x_T = o.x_T;
+    job.noise = o.noise;
+    job.want_trajectory = o.want_trajectory;
+    job.want_x0 = o.want_x0;
+    job.progress = o.progress;
+    return impl_->run(job);
+  });
 }
 
 InvertResult Session::invert(std::span<const float> x0, const InvertOptions& o) {
-  const Model& model = *impl_->model;
-  impl_->check_batch(x0, "invert: x0");
-  const auto bad = std::find_if(x0.begin(), x0.end(), [](float v) { return !std::isfinite(v); });
-  if (bad != x0.end())
-    throw Error(ErrorCode::InvalidArgument,
-                "invert: x0 holds NaN or Inf (first at element " + std::to_string(bad - x0.begin()) + ")");
-  if (o.refine < 0 || o.refine > 100)
-    throw Error(ErrorCode::InvalidArgument, "invert: refine must be in [0, 100], got " + std::to_string(o.refine));
-  if (o.refine > 0 && o.model_time != ModelTime::Current)
-    throw Error(ErrorCode::InvalidArgument, "invert: refine applies to model time 'current' only (the fixed point of "
-                                            "the sampler's step); 'next' reproduces diffusers' inverse scheduler");
-  const Scheduler scheduler(model.schedule());
-  InversionPlan plan = plan_inversion(scheduler, o);
-  if (o.refine > 0) return impl_->invert_refined(x0, o, std::move(plan));
+  return with_host_memory_errors("invert", [&] {
+    const Model& model = *impl_->model;
+    impl_->check_batch(x0, "invert: x0");
+    Impl::check_finite(x0, "invert: x0", impl_->sample_elements());
+    if (o.refine < 0 || o.refine > 100)
+      throw Error(ErrorCode::InvalidArgument, "invert: refine must be in [0, 100], got " + std::to_string(o.refine));
+    if (o.refine > 0 && o.model_time != ModelTime::Current)
+      throw Error(ErrorCode::InvalidArgument, "invert: refine applies to model time 'current' only (the fixed point of "
+                                              "the sampler's step); 'next' reproduces diffusers' inverse scheduler");
+    const Scheduler scheduler(model.schedule());
+    InversionPlan plan = plan_inversion(scheduler, o);
+    impl_->check_history(plan.model_timesteps.size(), o.want_trajectory, false);
+    if (o.refine > 0) return impl_->invert_refined(x0, o, std::move(plan));
 
-  // The sampling loop runs the inversion unchanged: x_T is the given x0, the model is evaluated at
-  // plan.model_timesteps and each step's coefficients carry the ascending alpha-bars. sigma is 0,
-  // so the seeds are never used.
-  SampleJob job = impl_->new_job(0);
-  job.timesteps = plan.model_timesteps;
-  job.steps = std::move(plan.steps);
-  job.x_T = x0;
-  job.want_trajectory = o.want_trajectory;
-  job.progress = o.progress;
-  SampleResult r = impl_->run(job);
+    // The sampling loop runs the inversion unchanged: x_T is the given x0, the model is evaluated at
+    // plan.model_timesteps and each step's coefficients carry the ascending alpha-bars. sigma is 0,
+    // so the seeds are never used.
+    SampleJob job = impl_->new_job(0);
+    job.timesteps = plan.model_timesteps;
+    job.steps = std::move(plan.steps);
+    job.x_T = x0;
+    job.want_trajectory = o.want_trajectory;
+    job.progress = o.progress;
+    SampleResult r = impl_->run(job);
 
-  InvertResult out;
-  out.timesteps = std::move(plan.timesteps);
-  out.model_timesteps = std::move(plan.model_timesteps);
-  out.warning = std::move(plan.warning);
-  out.x_T = std::move(r.images);
-  out.trajectory = std::move(r.trajectory);
-  return out;
+    InvertResult out;
+    out.timesteps = std::move(plan.timesteps);
+    out.model_timesteps = std::move(plan.model_timesteps);
+    out.warning = std::move(plan.warning);
+    out.x_T = std::move(r.images);
+    out.trajectory = std::move(r.trajectory);
+    return out;
+  });
 }
 
 const PlanInfo& Session::plan_info() const noexcept {

@@ -101,7 +101,7 @@ TEST_CASE("cli: bad input is a one-line error with a non-zero exit and no output
       {"sample --model " + model_path + " --steps abc --out " + out, "--steps", 2},
       {"sample --model " + model_path + " --stepz 5 --out " + out, "--stepz", 2},
       {"sample --model " + dir / "missing.ddim" + " --out " + out, "missing.ddim", 1},
-      {"sample --model " + model_path + " --steps 2000 --device cpu --out " + out, "2000", 1},
+      {"sample --model " + model_path + " --steps 2000 --device cpu --out " + out, "--steps 2000", 2},
       {"sample --model " + model_path + " --spacing sideways --out " + out, "sideways", 2},
       {"frobnicate", "frobnicate", 2},
   };

@@ -437,7 +437,7 @@ TEST_CASE("cpu gemm: odd sizes and padded leading dimensions against a naive pro
   CHECK_THROWS_AS(gemm(2, 3, 4, c.data(), 2, c.data(), 3, c.data(), 3, false, nullptr), ddim::Error);
 }
 
-TEST_CASE("cpu gemm: every kernel this CPU has matches the reference; the FMA kernels agree bitwise") {
+TEST_CASE("cpu gemm: every kernel this CPU has matches the reference, and the FMA kernels agree bitwise") {
   KernelGuard restore;
   INFO("automatic kernel: ", gemm_kernel_name());
   ThreadPool pool(2);
@@ -647,7 +647,7 @@ TEST_CASE("cpu attention: 4 heads, no residual, rescale 2, no biases, batch 2") 
 }
 
 // ================================================================ batch and thread-count independence
-TEST_CASE("cpu ops: each sample of a batch of 3 equals the sample run alone, bitwise; pool of 1 == pool of 2") {
+TEST_CASE("cpu ops: each sample of a batch of 3 equals the sample run alone, bitwise, and pool of 1 == pool of 2") {
   ThreadPool one(1), two(2);
   const int n = 3;
   auto sample = [](const auto& v, int b, std::size_t len) { return v.data() + static_cast<std::size_t>(b) * len; };

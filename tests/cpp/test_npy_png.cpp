@@ -304,10 +304,10 @@ TEST_CASE("npy: timestep vectors from int32, int64, float32 and float64") {
   const fs::path path = dir.path / "t.npy";
   write_file_atomic(path, make_npy("{'descr': '<i4', 'fortran_order': False, 'shape': (2,), }",
                                    raw_of(std::vector<std::int32_t>{5, 3})));
-  CHECK(read_npy_timesteps(path) == std::vector<int>{5, 3});
+  CHECK(read_npy_timesteps(path, 2) == std::vector<int>{5, 3});
 }
 
-TEST_CASE("npy: encode checks the data size; atomic write leaves nothing on failure") {
+TEST_CASE("npy: encode checks the data size, and an atomic write leaves nothing on failure") {
   const std::vector<float> data(5);
   CHECK(error_of([&] { encode_npy_f32(std::vector<std::int64_t>{2, 3}, data); }, ddim::ErrorCode::InvalidArgument)
             .find("6 elements but the data has 5") != std::string::npos);

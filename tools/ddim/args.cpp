@@ -101,6 +101,8 @@ bool ParsedArgs::given(std::string_view name) const {
   return values_.find(name) != values_.end();
 }
 
+bool ParsedArgs::has(std::string_view name) const { return find_option(*spec_, name) != nullptr; }
+
 std::optional<std::string> ParsedArgs::get(std::string_view name) const {
   const OptionSpec& option = spec_of(name);
   if (auto it = values_.find(name); it != values_.end()) return it->second;

@@ -40,6 +40,8 @@ class ParsedArgs {
 
   // Given on the command line (defaults do not count).
   bool given(std::string_view name) const;
+  // The command's table has this option (given or not).
+  bool has(std::string_view name) const;
   // The value given, else the table's default, else nullopt.
   std::optional<std::string> get(std::string_view name) const;
   // get() that must have a value (required options and those with a default).

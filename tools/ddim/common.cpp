@@ -4,11 +4,14 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <iostream>
 #include <limits>
 #include <system_error>
 
 #include "commands.hpp"
 #include "ddim/error.hpp"
+#include "ddim/model.hpp"
+#include "format/input_file.hpp"
 #include "npy.hpp"
 
 #ifndef DDIM_VERSION
@@ -23,8 +26,73 @@ SessionOptions session_options_from(const ParsedArgs& args) {
   SessionOptions options;
   apply_device(args.str("--device"), options);
   options.precision = parse_precision_option(args.str("--precision"));
-  options.threads = args.integer("--threads", 0, 4096);
+  options.threads = args.integer("--threads", 0, kMaxThreads);
+  if (options.backend == BackendKind::Cpu && (options.precision == Precision::FP16 || options.precision == Precision::BF16)) {
+    throw UsageError("--precision " + args.str("--precision") + " needs the CUDA backend; --device cpu computes in fp32");
+  }
   return options;
+}
+
+std::unique_ptr<Session> create_session(std::shared_ptr<const Model> model, const SessionOptions& options,
+                                        const std::string& size_from, bool size_from_option, const ParsedArgs& args,
+                                        std::initializer_list<std::string_view> cuda_flags) {
+  for (std::string_view flag : cuda_flags) {
+    if (args.given(flag) && options.backend == BackendKind::Cpu)
+      throw UsageError(std::string(flag) + " applies to the CUDA backend only; it has no effect with --device cpu");
+  }
+  std::unique_ptr<Session> session;
+  try {
+    session = Session::create(std::move(model), options);
+  } catch (const ddim::Error& e) {
+    if (e.code() != ErrorCode::InvalidArgument) throw;
+    const std::string message = e.what();
+    if (message.rfind("CUDA device", 0) == 0) throw UsageError("--device " + args.str("--device") + ": " + message);
+    if (message.rfind("sample size", 0) == 0) {
+      if (size_from_option) throw UsageError(size_from + ": " + message);
+      throw Error(ErrorCode::InvalidArgument, size_from + ": " + message);
+    }
+    throw;
+  }
+  const PlanInfo& plan = session->plan_info();
+  if (!plan.fallback.empty()) warn("running on the CPU: the CUDA backend failed: " + plan.fallback);
+  if (session->backend() == BackendKind::Cpu) {
+    for (std::string_view flag : cuda_flags)
+      if (args.given(flag)) warn(std::string(flag) + " has no effect: the session runs on the CPU");
+  }
+  return session;
+}
+
+TimestepPlan plan_timesteps(const Model& model, const ParsedArgs& args, int steps, const std::optional<Spacing>& spacing,
+                            const std::vector<int>& timesteps, std::optional<int> steps_offset) {
+  const Scheduler scheduler(model.schedule());
+  try {
+    if (!timesteps.empty()) return scheduler.custom_timesteps(timesteps);
+    return scheduler.timesteps(steps, spacing, steps_offset);
+  } catch (const ddim::Error& e) {
+    if (e.code() != ErrorCode::InvalidArgument) throw;
+    std::string option;
+    if (!timesteps.empty()) {
+      option = "--timesteps";
+    } else {
+      option = "--steps " + std::to_string(steps);
+      if (args.has("--spacing") && args.given("--spacing")) option += " --spacing " + args.str("--spacing");
+      if (steps_offset && args.has("--steps-offset") && args.given("--steps-offset"))
+        option += " --steps-offset " + std::to_string(*steps_offset);
+    }
+    std::string message = option + ": " + e.what();
+    if (message.find("num_train_timesteps") == std::string::npos)
+      message += " (the model has " + std::to_string(model.schedule().num_train_timesteps) + " training timesteps)";
+    throw UsageError(message);
+  }
+}
+
+void check_seed_range(std::uint64_t seed, std::uint64_t count, std::string_view option) {
+  const std::uint64_t max = std::numeric_limits<std::uint64_t>::max();
+  if (count > 0 && seed > max - (count - 1)) {
+    throw UsageError(std::string(option) + " " + std::to_string(seed) + ": sample i uses seed + i, which passes 2^64 - 1 (" +
+                     std::to_string(max) + ") for " + std::to_string(count) + " samples; use a seed <= " +
+                     std::to_string(max - (count - 1)));
+  }
 }
 
 void read_timestep_options(const ParsedArgs& args, int steps, std::optional<Spacing>& spacing, std::vector<int>& timesteps) {
@@ -70,22 +138,25 @@ Precision parse_precision_option(const std::string& text) {
   }
 }
 
-void check_output_path(const std::filesystem::path& path, std::string_view option) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) {
-    throw Error(ErrorCode::Io, std::string(option) + ": '" + path.string() + "' is a directory");
-  }
-  const std::filesystem::path dir = path.parent_path();
-  if (!dir.empty() && !std::filesystem::is_directory(dir, ec)) {
-    throw Error(ErrorCode::Io, std::string(option) + ": cannot write '" + path.string() + "': directory '" +
-                                   dir.string() + "' does not exist");
-  }
-}
-
 std::string extension_of(const std::filesystem::path& path) {
   std::string ext = path.extension().string();
   std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   return ext;
+}
+
+std::string output_extension(const std::string& path, std::string_view option, std::initializer_list<std::string_view> allowed) {
+  std::string wanted;
+  for (std::string_view ext : allowed) wanted += (wanted.empty() ? "" : " or ") + std::string(ext);
+  const std::string ext = extension_of(path);
+  if (std::find(allowed.begin(), allowed.end(), ext) != allowed.end()) return ext;
+  // ".npy" alone is a hidden file named ".npy" with no extension: say so.
+  std::string name = std::filesystem::path(path).filename().string();
+  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  if (std::find(allowed.begin(), allowed.end(), name) != allowed.end()) {
+    throw UsageError(std::string(option) + ": " + format::quote_path(path) +
+                     " has no file name before the extension; give one, e.g. out" + name);
+  }
+  throw UsageError(std::string(option) + ": " + format::quote_path(path) + " must end in " + wanted);
 }
 
 void check_shape(std::span<const std::int64_t> shape, std::span<const std::int64_t> expected, const std::string& what,
@@ -122,6 +193,40 @@ std::string join_values(const std::vector<T>& values) {
 
 std::string join(const std::vector<int>& values) { return join_values(values); }
 std::string join(const std::vector<std::uint64_t>& values) { return join_values(values); }
+
+std::string join_bounded(const std::vector<int>& values, std::size_t max_entries) {
+  if (values.size() <= max_entries) return join_values(values);
+  const std::vector<int> head(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(max_entries));
+  return join_values(head) + ", ... (" + std::to_string(values.size()) + " in all)";
+}
+
+std::string one_line(std::string_view text, std::size_t max) {
+  std::string out;
+  std::size_t i = 0;
+  for (; i < text.size() && out.size() < max; ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (c < 0x20 || c == 0x7F) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  if (i < text.size()) {
+    // Do not end inside a UTF-8 sequence.
+    while (!out.empty() && (static_cast<unsigned char>(out.back()) & 0xC0u) == 0x80u) out.pop_back();
+    if (!out.empty() && static_cast<unsigned char>(out.back()) >= 0xC0u) out.pop_back();
+    out += "... (" + std::to_string(text.size() - i) + " more bytes)";
+  }
+  return out;
+}
+
+void warn(const std::string& text) { std::cerr << "ddim: warning: " << one_line(text) << "\n"; }
 
 ProgressCallback make_progress_bar() {
   const auto start = std::chrono::steady_clock::now();

@@ -14,6 +14,7 @@
 
 #include "commands.hpp"
 #include "ddim/error.hpp"
+#include "files.hpp"
 #include "ddim/model.hpp"
 #include "ddim/schedule.hpp"
 #include "ddim/toolkit.hpp"
@@ -33,7 +34,7 @@ constexpr OptionSpec kOptions[] = {
     {"--out", "FILE", "compare.png", "side-by-side PNG: one row per sampler, one column per sample"},
     {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
-    {"--threads", "N", "0", "CPU worker threads, 0 for all cores"},
+    {"--threads", "N", "0", "CPU worker threads (at most 1024), 0 for all cores"},
 };
 
 double mse(const std::vector<float>& a, const std::vector<float>& b) {
@@ -65,9 +66,12 @@ int run_compare(const ParsedArgs& args) {
   std::vector<int> steps_list = parse_int_list(args.str("--steps-list"), "--steps-list", 1, 1'000'000);
   if (steps_list.empty()) throw UsageError("--steps-list: give at least one step count");
   const bool with_ddpm = args.on_off("--ddpm").value_or(true);
+  // x_T of sample i from seed + i, per-step noise from seed and seed + 1 (+ i).
+  check_seed_range(seed, static_cast<std::uint64_t>(batch) + 1, "--seed");
   const std::string out = args.str("--out");
-  if (extension_of(out) != ".png") throw UsageError("--out: '" + out + "' must end in .png");
-  check_output_path(out, "--out");
+  output_extension(out, "--out", {".png"});
+  tools::OutputFiles outputs;
+  outputs.add(out, "--out");
   SessionOptions session_options = session_options_from(args);
   session_options.batch = batch;
 
@@ -91,7 +95,7 @@ int run_compare(const ParsedArgs& args) {
     x_T.insert(x_T.end(), one.begin(), one.end());
   }
 
-  const std::unique_ptr<Session> session = Session::create(model, session_options);
+  const std::unique_ptr<Session> session = create_session(model, session_options, "the model's sample size", false, args);
   const PlanInfo& plan_info = session->plan_info();
   const bool tty = isatty(STDERR_FILENO) != 0;
   const auto timed = [&](auto&& run) {
@@ -120,8 +124,6 @@ int run_compare(const ParsedArgs& args) {
     return timed([&] { return session->sample(o); });
   };
 
-  std::fprintf(stderr, "ddim: compare on %s %s, batch %d, T = %d\n", plan_info.backend.c_str(), plan_info.precision.c_str(),
-               batch, T);
   std::vector<Row> rows;
   if (with_ddpm) {
     for (VarianceType v : {VarianceType::FixedSmall, VarianceType::FixedLarge}) {
@@ -131,33 +133,40 @@ int run_compare(const ParsedArgs& args) {
   }
   for (int steps : steps_list) {
     auto [r, spi] = run_ddim(steps, seed);
-    if (!r.warning.empty()) std::cerr << "ddim: warning: DDIM " << steps << " steps: " << r.warning << "\n";
+    if (!r.warning.empty()) warn("DDIM " + std::to_string(steps) + " steps: " + r.warning);
     rows.push_back({"DDIM eta 0", static_cast<int>(r.timesteps.size()), spi, std::move(r.images)});
   }
   const std::vector<float>& reference = rows.back().images;
 
-  std::printf("%-18s %6s %14s %16s\n", "sampler", "steps", "s/image", ("MSE vs DDIM-" + std::to_string(reference_steps)).c_str());
+  // The report is printed at the end, once everything (the picture included) has succeeded.
+  std::string report;
+  const auto print = [&report](const char* format, auto... values) {
+    char buf[512];
+    std::snprintf(buf, sizeof buf, format, values...);
+    report += buf;
+  };
+  print("%-18s %6s %14s %16s\n", "sampler", "steps", "s/image", ("MSE vs DDIM-" + std::to_string(reference_steps)).c_str());
   for (const Row& row : rows) {
-    std::printf("%-18s %6d %14.6f %16.6g\n", row.sampler.c_str(), row.steps, row.seconds_per_image, mse(row.images, reference));
+    print("%-18s %6d %14.6f %16.6g\n", row.sampler.c_str(), row.steps, row.seconds_per_image, mse(row.images, reference));
   }
 
   // ---- reproducibility: the same x_T, per-step noise seeds S and S + 1
-  std::printf("\nreproducibility (same x_T, noise seeds %llu and %llu):\n", static_cast<unsigned long long>(seed),
-              static_cast<unsigned long long>(seed + 1));
+  print("\nreproducibility (same x_T, noise seeds %llu and %llu):\n", static_cast<unsigned long long>(seed),
+        static_cast<unsigned long long>(seed + 1));
   const int check_steps = steps_list.front();
   const std::size_t first_ddim = with_ddpm ? 2 : 0;
   const std::vector<float> ddim_other = run_ddim(check_steps, seed + 1).first.images;
   const std::vector<float>& ddim_same = rows[first_ddim].images;
   const bool identical = ddim_other.size() == ddim_same.size() &&
                          std::memcmp(ddim_other.data(), ddim_same.data(), ddim_same.size() * sizeof(float)) == 0;
-  std::printf("  DDIM eta 0, %d steps: %s\n", check_steps, identical ? "bitwise identical" : "DIFFERENT (unexpected)");
+  print("  DDIM eta 0, %d steps: %s\n", check_steps, identical ? "bitwise identical" : "DIFFERENT (unexpected)");
   if (with_ddpm) {
     const std::vector<float> ddpm_other = run_ddpm(VarianceType::FixedSmall, seed + 1).first.images;
     const double d = mse(ddpm_other, rows[0].images);
-    std::printf("  DDPM fixed_small, %d steps: %s, MSE between the two runs %.6g\n", T,
-                d > 0 ? "different" : "IDENTICAL (unexpected)", d);
+    print("  DDPM fixed_small, %d steps: %s, MSE between the two runs %.6g\n", T, d > 0 ? "different" : "IDENTICAL (unexpected)",
+          d);
   } else {
-    std::printf("  DDPM: skipped (--ddpm off)\n");
+    print("  DDPM: skipped (--ddpm off)\n");
   }
 
   // ---- the picture: one row per sampler, one column per sample
@@ -173,10 +182,14 @@ int run_compare(const ParsedArgs& args) {
       {"seed", std::to_string(seed)},
       {"rows", order},
   };
-  tools::write_png(out,
-                   tools::batch_to_grid(grid, static_cast<int>(rows.size()) * batch, channels, height, width, 2, batch),
-                   text);
-  std::printf("\nwrote %s (%zu rows x %d columns)\n", out.c_str(), rows.size(), batch);
+  outputs.stage(out, tools::encode_png(tools::batch_to_grid(grid, static_cast<int>(rows.size()) * batch, channels, height,
+                                                            width, 2, batch),
+                                       text));
+  outputs.commit();
+  std::fprintf(stderr, "ddim: compare on %s %s, batch %d, T = %d\n", plan_info.backend.c_str(), plan_info.precision.c_str(),
+               batch, T);
+  std::fputs(report.c_str(), stdout);
+  std::printf("\nwrote %s (%zu rows x %d columns)\n", one_line(out).c_str(), rows.size(), batch);
   return identical ? 0 : 1;
 }
 

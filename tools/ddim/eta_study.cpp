@@ -14,6 +14,7 @@
 
 #include "commands.hpp"
 #include "ddim/error.hpp"
+#include "files.hpp"
 #include "ddim/model.hpp"
 #include "ddim/schedule.hpp"
 #include "ddim/toolkit.hpp"
@@ -30,7 +31,7 @@ constexpr OptionSpec kOptions[] = {
     {"--out", "FILE", "eta-study.png", "PNG grid: one row per eta, one column per run"},
     {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
-    {"--threads", "N", "0", "CPU worker threads, 0 for all cores"},
+    {"--threads", "N", "0", "CPU worker threads (at most 1024), 0 for all cores"},
 };
 
 constexpr double kEtas[] = {0.0, 0.25, 0.5, 0.75, 1.0};
@@ -64,9 +65,11 @@ int run_eta_study(const ParsedArgs& args) {
   const int steps = args.integer("--steps", 1, 1'000'000);
   const std::uint64_t seed = args.u64("--seed");
   const int runs = args.integer("--runs", 2, 4096);
+  check_seed_range(seed, static_cast<std::uint64_t>(runs), "--seed");  // run r: noise seed seed + r
   const std::string out = args.str("--out");
-  if (extension_of(out) != ".png") throw UsageError("--out: '" + out + "' must end in .png");
-  check_output_path(out, "--out");
+  output_extension(out, "--out", {".png"});
+  tools::OutputFiles outputs;
+  outputs.add(out, "--out");
   SessionOptions session_options = session_options_from(args);
   session_options.batch = runs;
 
@@ -82,12 +85,15 @@ int run_eta_study(const ParsedArgs& args) {
   std::vector<float> x_T;
   for (int r = 0; r < runs; ++r) x_T.insert(x_T.end(), one.begin(), one.end());
 
-  const std::unique_ptr<Session> session = Session::create(model, session_options);
+  plan_timesteps(*model, args, steps, std::nullopt, {}, std::nullopt);  // option errors first
+  const std::unique_ptr<Session> session = create_session(model, session_options, "the model's sample size", false, args);
   const PlanInfo& plan_info = session->plan_info();
-  std::fprintf(stderr, "ddim: eta study on %s %s, %d steps, %d runs\n", plan_info.backend.c_str(),
-               plan_info.precision.c_str(), steps, runs);
 
-  std::printf("%-6s %22s %12s\n", "eta", "cross-run variance", "seconds");
+  // The table is printed at the end, once everything (the picture included) has succeeded.
+  std::string table;
+  char line[128];
+  std::snprintf(line, sizeof line, "%-6s %22s %12s\n", "eta", "cross-run variance", "seconds");
+  table += line;
   std::vector<float> grid;
   for (double eta : kEtas) {
     SampleOptions o;
@@ -102,7 +108,8 @@ int run_eta_study(const ParsedArgs& args) {
     if (r.images.size() != per * static_cast<std::size_t>(runs))
       throw Error(ErrorCode::Internal, "the session returned the wrong number of values");
     const double variance = cross_run_variance(r.images, static_cast<std::size_t>(runs), per);
-    std::printf("%-6.2f %22.9g %12.3f\n", eta, variance, seconds);
+    std::snprintf(line, sizeof line, "%-6.2f %22.9g %12.3f\n", eta, variance, seconds);
+    table += line;
     grid.insert(grid.end(), r.images.begin(), r.images.end());
   }
   const tools::TextChunks text = {
@@ -112,8 +119,12 @@ int run_eta_study(const ParsedArgs& args) {
       {"steps", std::to_string(steps)},
       {"rows", "eta 0; 0.25; 0.5; 0.75; 1"},
   };
-  tools::write_png(out, tools::batch_to_grid(grid, 5 * runs, channels, height, width, 2, runs), text);
-  std::printf("\nwrote %s (5 rows x %d columns)\n", out.c_str(), runs);
+  outputs.stage(out, tools::encode_png(tools::batch_to_grid(grid, 5 * runs, channels, height, width, 2, runs), text));
+  outputs.commit();
+  std::fprintf(stderr, "ddim: eta study on %s %s, %d steps, %d runs\n", plan_info.backend.c_str(),
+               plan_info.precision.c_str(), steps, runs);
+  std::fputs(table.c_str(), stdout);
+  std::printf("\nwrote %s (5 rows x %d columns)\n", one_line(out).c_str(), runs);
   return 0;
 }
 

@@ -8,6 +8,8 @@
 
 #include "commands.hpp"
 #include "ddim/error.hpp"
+#include "files.hpp"
+#include "format/input_file.hpp"
 #include "ddim/model.hpp"
 #include "npy.hpp"
 
@@ -22,7 +24,7 @@ constexpr OptionSpec kOptions[] = {
     {"--dump", "DIR", "", "also write every graph node's output to DIR/<node>.npy, listed in graph order in DIR/nodes.txt"},
     {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
-    {"--threads", "N", "0", "CPU worker threads, 0 for all cores"},
+    {"--threads", "N", "0", "CPU worker threads (at most 1024), 0 for all cores"},
 };
 
 // "500" -> {500}; "t.npy" -> its values.
@@ -33,7 +35,7 @@ std::vector<int> parse_timesteps(const std::string& text) {
   if (ec == std::errc() && ptr == end) return {value};
   if (ec == std::errc::result_out_of_range) throw UsageError("--t: '" + text + "' is out of range");
   std::error_code fs_ec;
-  if (extension_of(text) == ".npy" || std::filesystem::exists(text, fs_ec)) return tools::read_npy_timesteps(text);
+  if (extension_of(text) == ".npy" || std::filesystem::exists(text, fs_ec)) return tools::read_npy_timesteps(text, kMaxBatch);
   throw UsageError("--t: '" + text + "' is neither an integer nor a .npy file");
 }
 
@@ -62,35 +64,43 @@ const CommandSpec kForwardCommand{"forward", "", "Run one forward pass of the ne
                                   kOptions};
 
 int run_forward(const ParsedArgs& args) {
+  // ---- every command-line check first, before any work
   const std::filesystem::path model_path = args.str("--model");
   const std::string x_path = args.str("--x");
   const std::string out = args.str("--out");
-  if (extension_of(out) != ".npy") throw UsageError("--out: '" + out + "' must end in .npy");
+  output_extension(out, "--out", {".npy"});
   SessionOptions session_options = session_options_from(args);
-  check_output_path(out, "--out");
+  tools::OutputFiles outputs;
+  const std::filesystem::path out_target = outputs.add(out, "--out");
   const std::optional<std::string> dump_dir = args.get("--dump");
   if (dump_dir) {
     std::error_code ec;
     if (std::filesystem::exists(*dump_dir, ec) && !std::filesystem::is_directory(*dump_dir, ec)) {
-      throw Error(ErrorCode::Io, "--dump: '" + *dump_dir + "' exists and is not a directory");
+      throw Error(ErrorCode::Io, "--dump: " + format::quote_path(*dump_dir) + " exists and is not a directory");
+    }
+    // The dump's files are named after the graph's nodes: --out must not be among them.
+    const std::filesystem::path dump_abs = std::filesystem::weakly_canonical(std::filesystem::absolute(*dump_dir), ec);
+    if (!ec && out_target.parent_path() == dump_abs.lexically_normal()) {
+      throw UsageError("--out " + format::quote_path(out) + " is inside --dump " + format::quote_path(*dump_dir) +
+                       ", where the node outputs are written; write it elsewhere");
     }
   }
 
-  const tools::NpyArray x = tools::read_npy_f32(x_path);
-  std::vector<int> t = parse_timesteps(args.str("--t"));
-
+  // ---- the model and the inputs (the declared shape of x checked before its data is read)
   const std::shared_ptr<const Model> model = Model::load(model_path);
   const ModelInfo& info = model->info();
-  const std::string what = "--x '" + x_path + "'";
-  check_shape(x.shape, std::vector<std::int64_t>{-1, info.in_channels, -1, -1}, what,
-              "(N, C, H, W) with the model's " + std::to_string(info.in_channels) + " input channels");
-  for (int i : {0, 2, 3}) {
-    if (x.shape[static_cast<std::size_t>(i)] < 1 || x.shape[static_cast<std::size_t>(i)] > (1 << 20)) {
-      throw Error(ErrorCode::InvalidArgument, what + " has shape " + tools::shape_to_string(x.shape) +
-                                                  ": every dimension must be in [1, 1048576]");
+  const std::string what = "--x " + format::quote_path(x_path);
+  const tools::NpyArray x = tools::read_npy_f32(x_path, [&](std::span<const std::int64_t> shape) {
+    check_shape(shape, std::vector<std::int64_t>{-1, info.in_channels, -1, -1}, what,
+                "(N, C, H, W) with the model's " + std::to_string(info.in_channels) + " input channels");
+    if (shape[0] < 1 || shape[0] > kMaxBatch || shape[2] < 1 || shape[2] > kMaxSampleSize || shape[3] < 1 || shape[3] > kMaxSampleSize) {
+      throw Error(ErrorCode::InvalidArgument, what + " has shape " + tools::shape_to_string(shape) + ": N must be in [1, " +
+                                                  std::to_string(kMaxBatch) + "], H and W in [1, " +
+                                                  std::to_string(kMaxSampleSize) + "]");
     }
-  }
+  });
   check_finite(x.data, what);
+  std::vector<int> t = parse_timesteps(args.str("--t"));
   const int n = static_cast<int>(x.shape[0]);
   if (t.size() != 1 && t.size() != static_cast<std::size_t>(n)) {
     throw Error(ErrorCode::InvalidArgument, "--t: " + std::to_string(t.size()) + " timesteps for a batch of " +
@@ -107,28 +117,23 @@ int run_forward(const ParsedArgs& args) {
   session_options.batch = n;
   session_options.height = static_cast<int>(x.shape[2]);
   session_options.width = static_cast<int>(x.shape[3]);
-  const std::unique_ptr<Session> session = Session::create(model, session_options);
+  const std::unique_ptr<Session> session = create_session(model, session_options, what, false, args);
+  if (dump_dir) outputs.make_directory(*dump_dir, "--dump");
   std::string manifest;  // "index<TAB>node<TAB>shape<TAB>file" per line, graph order
   std::size_t dumped = 0;
   std::set<std::string> used_names;
   const Session::NodeOutputCallback dump = [&](const std::string& node, const std::vector<std::int64_t>& node_shape,
                                                std::span<const float> values) {
     const std::string file = dump_file_name(node, dumped, used_names);
-    tools::write_npy_f32(std::filesystem::path(*dump_dir) / file, node_shape, values);
-    manifest += std::to_string(dumped++) + "\t" + node + "\t" + tools::shape_to_string(node_shape) + "\t" + file + "\n";
+    const std::filesystem::path path = std::filesystem::path(*dump_dir) / file;
+    outputs.add(path, "--dump");
+    outputs.stage(path, tools::encode_npy_f32(node_shape, values));
+    manifest += std::to_string(dumped++) + "\t" + one_line(node, 4096) + "\t" + tools::shape_to_string(node_shape) + "\t" +
+                file + "\n";
   };
-  if (dump_dir) {
-    std::error_code ec;
-    std::filesystem::create_directories(*dump_dir, ec);
-    if (ec) throw Error(ErrorCode::Io, "--dump: cannot create '" + *dump_dir + "': " + ec.message());
-  }
   const auto start = std::chrono::steady_clock::now();
   const std::vector<float> y = dump_dir ? session->forward(x.data, t, dump) : session->forward(x.data, t);
   const double seconds = seconds_since(start);
-  if (dump_dir) {
-    tools::write_file_atomic(std::filesystem::path(*dump_dir) / "nodes.txt",
-                             std::span(reinterpret_cast<const std::uint8_t*>(manifest.data()), manifest.size()));
-  }
 
   const std::int64_t shape[] = {x.shape[0], info.out_channels, x.shape[2], x.shape[3]};
   const std::int64_t count = shape[0] * shape[1] * shape[2] * shape[3];
@@ -136,11 +141,17 @@ int run_forward(const ParsedArgs& args) {
     throw Error(ErrorCode::Internal, "the session returned " + std::to_string(y.size()) + " values; expected " +
                                          tools::shape_to_string(shape));
   }
-  tools::write_npy_f32(out, shape, y);
+  outputs.stage(out, tools::encode_npy_f32(shape, y));
+  if (dump_dir) {
+    const std::filesystem::path nodes = std::filesystem::path(*dump_dir) / "nodes.txt";
+    outputs.add(nodes, "--dump");
+    outputs.stage(nodes, std::span(reinterpret_cast<const std::uint8_t*>(manifest.data()), manifest.size()));
+  }
+  outputs.commit();
   std::fprintf(stderr, "ddim: forward %s on %s %s in %.3f ms -> %s %s\n", tools::shape_to_string(x.shape).c_str(),
                session->plan_info().backend.c_str(), session->plan_info().precision.c_str(), 1000.0 * seconds,
-               out.c_str(), tools::shape_to_string(shape).c_str());
-  if (dump_dir) std::fprintf(stderr, "ddim: %zu node outputs -> %s/ (listed in nodes.txt)\n", dumped, dump_dir->c_str());
+               one_line(out).c_str(), tools::shape_to_string(shape).c_str());
+  if (dump_dir) std::fprintf(stderr, "ddim: %zu node outputs -> %s/ (listed in nodes.txt)\n", dumped, one_line(*dump_dir).c_str());
   return 0;
 }
 

@@ -82,13 +82,17 @@ const CommandSpec kInfoCommand{"info", "FILE", "Describe a model file (and, with
 int run_info(const ParsedArgs& args) {
   const std::filesystem::path path = args.positionals().front();
   const bool plan = args.flag("--plan");
+  if (!plan) {
+    for (const char* option : {"--device", "--precision", "--threads"})
+      if (args.given(option)) throw UsageError(std::string(option) + " applies to --plan only; add --plan");
+  }
   SessionOptions session_options = session_options_from(args);
   session_options.batch = 1;
 
   const std::shared_ptr<const Model> model = Model::load(path);
   const ModelInfo& info = model->info();
   std::ostringstream os;
-  os << "model:          " << path.string() << "\n"
+  os << "model:          " << one_line(path.string()) << "\n"
      << "format version: " << info.format_version << "\n"
      << "sample:         " << info.in_channels << " x " << info.height << " x " << info.width << " (C x H x W)\n"
      << "in channels:    " << info.in_channels << "\n"
@@ -102,10 +106,10 @@ int run_info(const ParsedArgs& args) {
   if (!model->summary().empty() && model->summary().back() != '\n') os << "\n";
   os << "\n";
   print_schedule(os, model->schedule());
-  std::cout << os.str() << std::flush;
 
+  // Everything is printed at the end: a failure to plan prints the error only, not half a report.
   if (plan) {
-    const std::unique_ptr<Session> session = Session::create(model, session_options);
+    const std::unique_ptr<Session> session = create_session(model, session_options, "the model's sample size", false, args);
     const PlanInfo& p = session->plan_info();
     std::ostringstream ps;
     ps << "\nplan:\n"
@@ -126,9 +130,10 @@ int run_info(const ParsedArgs& args) {
     char flops[64];
     std::snprintf(flops, sizeof flops, "%.3f", p.forward_flops / 1e9);
     ps << "  forward:   " << flops << " GFLOP per step (convolutions, projections, attention; unpadded)\n";
-    if (!p.fallback.empty()) ps << "  note:      on the CPU because the CUDA backend failed: " << p.fallback << "\n";
-    std::cout << ps.str() << std::flush;
+    if (!p.fallback.empty()) ps << "  note:      on the CPU because the CUDA backend failed: " << one_line(p.fallback) << "\n";
+    os << ps.str();
   }
+  std::cout << os.str();
   return 0;
 }
 

@@ -12,6 +12,8 @@
 
 #include "commands.hpp"
 #include "ddim/error.hpp"
+#include "files.hpp"
+#include "format/input_file.hpp"
 #include "ddim/model.hpp"
 #include "ddim/schedule.hpp"
 #include "ddim/toolkit.hpp"
@@ -32,7 +34,7 @@ constexpr OptionSpec kOptions[] = {
     {"--out", "FILE", "interpolation.png", "output: a .png strip (one row of F frames) or a .npy of the raw float32 (F, C, H, W)"},
     {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
-    {"--threads", "N", "0", "CPU worker threads, 0 for all cores"},
+    {"--threads", "N", "0", "CPU worker threads (at most 1024), 0 for all cores"},
 };
 
 // "A,B": exactly two items.
@@ -56,14 +58,22 @@ std::uint64_t parse_seed(const std::string& text, std::string_view option) {
 }
 
 tools::NpyArray read_end(const std::string& path, std::int64_t channels) {
-  const std::string what = "--x-T '" + path + "'";
-  tools::NpyArray array = tools::read_npy_f32(path);
-  if (array.shape.size() == 3) array.shape.insert(array.shape.begin(), 1);
-  check_shape(array.shape, std::vector<std::int64_t>{1, channels, -1, -1}, what,
-              "one sample, (1, C, H, W) or (C, H, W), with the model's " + std::to_string(channels) + " channels");
-  if (array.shape[2] < 1 || array.shape[3] < 1 || array.shape[2] > (1 << 16) || array.shape[3] > (1 << 16)) {
-    throw Error(ErrorCode::InvalidArgument, what + ": invalid sample size " + tools::shape_to_string(array.shape));
-  }
+  const std::string what = "--x-T " + format::quote_path(path);
+  const auto as_one = [](std::span<const std::int64_t> shape) {
+    std::vector<std::int64_t> s(shape.begin(), shape.end());
+    if (s.size() == 3) s.insert(s.begin(), 1);
+    return s;
+  };
+  // The declared shape is checked before the data is read.
+  tools::NpyArray array = tools::read_npy_f32(path, [&](std::span<const std::int64_t> declared) {
+    const std::vector<std::int64_t> shape = as_one(declared);
+    check_shape(shape, std::vector<std::int64_t>{1, channels, -1, -1}, what,
+                "one sample, (1, C, H, W) or (C, H, W), with the model's " + std::to_string(channels) + " channels");
+    if (shape[2] < 1 || shape[3] < 1 || shape[2] > kMaxSampleSize || shape[3] > kMaxSampleSize) {
+      throw Error(ErrorCode::InvalidArgument, what + ": invalid sample size " + tools::shape_to_string(shape));
+    }
+  });
+  array.shape = as_one(array.shape);
   check_finite(array.data, what);
   return array;
 }
@@ -95,9 +105,9 @@ int run_interpolate(const ParsedArgs& args) {
   }
   SessionOptions session_options = session_options_from(args);
   const std::string out = args.str("--out");
-  const bool out_png = extension_of(out) == ".png";
-  if (!out_png && extension_of(out) != ".npy") throw UsageError("--out: '" + out + "' must end in .png or .npy");
-  check_output_path(out, "--out");
+  const bool out_png = output_extension(out, "--out", {".png", ".npy"}) == ".png";
+  tools::OutputFiles outputs;
+  outputs.add(out, "--out");
 
   // ---- the model and the two ends
   const std::shared_ptr<const Model> model = Model::load(model_path);
@@ -106,6 +116,7 @@ int run_interpolate(const ParsedArgs& args) {
     throw Error(ErrorCode::InvalidArgument, "the model's samples have " + std::to_string(channels) +
                                                 " channels, which a PNG cannot hold; use --out FILE.npy");
   }
+  plan_timesteps(*model, args, options.steps, options.spacing, options.timesteps, std::nullopt);  // option errors first
   std::int64_t height = model->info().height, width = model->info().width;
   std::vector<float> a, b;
   if (seeds_text) {
@@ -142,13 +153,14 @@ int run_interpolate(const ParsedArgs& args) {
   session_options.batch = frames;
   session_options.height = static_cast<int>(height);
   session_options.width = static_cast<int>(width);
-  const std::unique_ptr<Session> session = Session::create(model, session_options);
+  const std::unique_ptr<Session> session = create_session(
+      model, session_options, seeds_text ? std::string("the model's sample size") : "--x-T " + format::quote_path(path_a), false, args);
   const PlanInfo& plan_info = session->plan_info();
   if (isatty(STDERR_FILENO)) options.progress = make_progress_bar();
   const auto start = std::chrono::steady_clock::now();
   const SampleResult result = session->sample(options);
   const double seconds = seconds_since(start);
-  if (!result.warning.empty()) std::cerr << "ddim: warning: " << result.warning << "\n";
+  if (!result.warning.empty()) warn(result.warning);
   if (result.images.size() != x_T.size()) throw Error(ErrorCode::Internal, "the session returned the wrong number of values");
 
   const std::string spacing_name = options.timesteps.empty()
@@ -166,14 +178,16 @@ int run_interpolate(const ParsedArgs& args) {
     };
     if (seeds_text) text.emplace_back("seeds", std::to_string(seed_a) + "," + std::to_string(seed_b));
     else text.emplace_back("x_T", *files_text);
-    tools::write_png(out, tools::batch_to_grid(result.images, result.n, result.c, result.h, result.w, 2, frames), text);
+    outputs.stage(out, tools::encode_png(tools::batch_to_grid(result.images, result.n, result.c, result.h, result.w, 2, frames),
+                                         text));
   } else {
     const std::int64_t shape[] = {result.n, result.c, result.h, result.w};
-    tools::write_npy_f32(out, shape, result.images);
+    outputs.stage(out, tools::encode_npy_f32(shape, result.images));
   }
+  outputs.commit();
   std::fprintf(stderr, "ddim: %d frames %dx%dx%d, %zu steps (eta 0) on %s %s in %.3f s -> %s\n", frames, result.c, result.h,
                result.w, result.timesteps.size(), plan_info.backend.c_str(), plan_info.precision.c_str(), seconds,
-               out.c_str());
+               one_line(out).c_str());
   return 0;
 }
 

@@ -12,6 +12,8 @@
 
 #include "commands.hpp"
 #include "ddim/error.hpp"
+#include "files.hpp"
+#include "format/input_file.hpp"
 #include "ddim/model.hpp"
 #include "ddim/schedule.hpp"
 #include "ddim/toolkit.hpp"
@@ -35,7 +37,7 @@ constexpr OptionSpec kOptions[] = {
     {"--clip-sample", "on|off", "off", "clip the x0 prediction when --check samples back (clipping is not inverted)"},
     {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
-    {"--threads", "N", "0", "CPU worker threads, 0 for all cores"},
+    {"--threads", "N", "0", "CPU worker threads (at most 1024), 0 for all cores"},
 };
 
 struct Input {
@@ -46,7 +48,7 @@ struct Input {
 // A PNG (one image) or a float32 .npy of (N, C, H, W) or (C, H, W), checked against the model's
 // channel count.
 Input read_input(const std::string& path, std::int64_t channels) {
-  const std::string what = "--input '" + path + "'";
+  const std::string what = "--input " + format::quote_path(path);
   Input in;
   if (extension_of(path) == ".png") {
     const tools::DecodedPng png = tools::read_png(path);
@@ -57,16 +59,25 @@ Input read_input(const std::string& path, std::int64_t channels) {
     in.w = png.image.width;
     return in;
   }
-  tools::NpyArray array = tools::read_npy_f32(path);
-  if (array.shape.size() == 3) array.shape.insert(array.shape.begin(), 1);
-  if (array.shape.size() == 4 && (array.shape[0] < 1 || array.shape[0] > (1 << 20))) {
-    throw Error(ErrorCode::InvalidArgument, what + ": batch " + std::to_string(array.shape[0]) + " is out of range");
-  }
-  check_shape(array.shape, std::vector<std::int64_t>{-1, channels, -1, -1}, what,
-              "(N, C, H, W) or (C, H, W) with the model's " + std::to_string(channels) + " channels");
-  if (array.shape[2] < 1 || array.shape[3] < 1 || array.shape[2] > (1 << 16) || array.shape[3] > (1 << 16)) {
-    throw Error(ErrorCode::InvalidArgument, what + ": invalid sample size " + tools::shape_to_string(array.shape));
-  }
+  // The declared shape is checked before the data is read.
+  const auto as_batch = [](std::span<const std::int64_t> shape) {
+    std::vector<std::int64_t> s(shape.begin(), shape.end());
+    if (s.size() == 3) s.insert(s.begin(), 1);
+    return s;
+  };
+  tools::NpyArray array = tools::read_npy_f32(path, [&](std::span<const std::int64_t> declared) {
+    const std::vector<std::int64_t> shape = as_batch(declared);
+    if (shape.size() == 4 && (shape[0] < 1 || shape[0] > kMaxBatch)) {
+      throw Error(ErrorCode::InvalidArgument, what + ": batch " + std::to_string(shape[0]) + " is out of range [1, " +
+                                                  std::to_string(kMaxBatch) + "]");
+    }
+    check_shape(shape, std::vector<std::int64_t>{-1, channels, -1, -1}, what,
+                "(N, C, H, W) or (C, H, W) with the model's " + std::to_string(channels) + " channels");
+    if (shape[2] < 1 || shape[3] < 1 || shape[2] > kMaxSampleSize || shape[3] > kMaxSampleSize) {
+      throw Error(ErrorCode::InvalidArgument, what + ": invalid sample size " + tools::shape_to_string(shape));
+    }
+  });
+  array.shape = as_batch(array.shape);
   check_finite(array.data, what);
   in.n = array.shape[0];
   in.c = array.shape[1];
@@ -103,17 +114,19 @@ int run_invert(const ParsedArgs& args) {
   SessionOptions session_options = session_options_from(args);
 
   const std::string input_ext = extension_of(input_path);
-  if (input_ext != ".png" && input_ext != ".npy") throw UsageError("--input: '" + input_path + "' must end in .png or .npy");
-  if (extension_of(out) != ".npy") throw UsageError("--out: '" + out + "' must end in .npy");
-  const std::optional<std::string> trajectory_path = args.get("--trajectory");
-  if (trajectory_path && extension_of(*trajectory_path) != ".npy") {
-    throw UsageError("--trajectory: '" + *trajectory_path + "' must end in .npy");
+  if (input_ext != ".png" && input_ext != ".npy") {
+    throw UsageError("--input: " + format::quote_path(input_path) + " must end in .png or .npy");
   }
-  check_output_path(out, "--out");
-  if (trajectory_path) check_output_path(*trajectory_path, "--trajectory");
+  output_extension(out, "--out", {".npy"});
+  const std::optional<std::string> trajectory_path = args.get("--trajectory");
+  if (trajectory_path) output_extension(*trajectory_path, "--trajectory", {".npy"});
+  tools::OutputFiles outputs;
+  outputs.add(out, "--out");
+  if (trajectory_path) outputs.add(*trajectory_path, "--trajectory");
 
   // ---- the model and the input
   const std::shared_ptr<const Model> model = Model::load(model_path);
+  plan_timesteps(*model, args, options.steps, options.spacing, options.timesteps, std::nullopt);  // option errors first
   const Input input = read_input(input_path, model->info().in_channels);
   session_options.batch = static_cast<int>(input.n);
   session_options.height = static_cast<int>(input.h);
@@ -121,13 +134,14 @@ int run_invert(const ParsedArgs& args) {
   options.want_trajectory = trajectory_path.has_value();
 
   // ---- invert
-  const std::unique_ptr<Session> session = Session::create(model, session_options);
+  const std::unique_ptr<Session> session =
+      create_session(model, session_options, "--input " + format::quote_path(input_path), false, args);
   const PlanInfo& plan_info = session->plan_info();
   if (isatty(STDERR_FILENO)) options.progress = make_progress_bar();
   const auto start = std::chrono::steady_clock::now();
   const InvertResult result = session->invert(input.data, options);
   const double seconds = seconds_since(start);
-  if (!result.warning.empty()) std::cerr << "ddim: warning: " << result.warning << "\n";
+  if (!result.warning.empty()) warn(result.warning);
 
   const std::int64_t S = static_cast<std::int64_t>(result.timesteps.size());
   const std::int64_t n = input.n, c = input.c, h = input.h, w = input.w;
@@ -135,21 +149,16 @@ int run_invert(const ParsedArgs& args) {
       (trajectory_path && result.trajectory.size() != static_cast<std::size_t>(S + 1) * input.data.size())) {
     throw Error(ErrorCode::Internal, "the session returned arrays of the wrong size");
   }
-  std::vector<std::pair<std::filesystem::path, std::vector<std::uint8_t>>> files;
   const std::int64_t shape[] = {n, c, h, w};
-  files.emplace_back(out, tools::encode_npy_f32(shape, result.x_T));
+  outputs.stage(out, tools::encode_npy_f32(shape, result.x_T));
   if (trajectory_path) {
     const std::int64_t trajectory_shape[] = {S + 1, n, c, h, w};
-    files.emplace_back(*trajectory_path, tools::encode_npy_f32(trajectory_shape, result.trajectory));
+    outputs.stage(*trajectory_path, tools::encode_npy_f32(trajectory_shape, result.trajectory));
   }
-  for (const auto& [path, bytes] : files) tools::write_file_atomic(path, bytes);
-  std::fprintf(stderr, "ddim: inverted %lld x %lldx%lldx%lld, %lld steps (model time %s, refine %d, timesteps %d..%d) on %s %s in %.3f s -> %s\n",
-               static_cast<long long>(n), static_cast<long long>(c), static_cast<long long>(h),
-               static_cast<long long>(w), static_cast<long long>(S), to_string(options.model_time), options.refine,
-               result.timesteps.front(), result.timesteps.back(), plan_info.backend.c_str(),
-               plan_info.precision.c_str(), seconds, out.c_str());
 
-  // ---- --check: sample back with the same timesteps at eta 0
+  // ---- --check: sample back with the same timesteps at eta 0 (before the outputs are committed:
+  // a failure here leaves them as they were)
+  std::string check_line;
   if (check) {
     SampleOptions back;
     back.timesteps.assign(result.timesteps.rbegin(), result.timesteps.rend());
@@ -169,9 +178,19 @@ int run_invert(const ParsedArgs& args) {
     // the images in [0, 1] or of 8-bit pixels).
     const double psnr = mse > 0.0 ? 10.0 * std::log10(4.0 / mse) : std::numeric_limits<double>::infinity();
     const char* clipping = model->schedule().thresholding ? "dynamic thresholding" : clip_sample ? "on" : "off";
-    std::printf("check: sampled back from x_T (%lld steps, eta 0, clipping %s): MSE %.6e, PSNR %.2f dB, max abs error %.4g\n",
-                static_cast<long long>(S), clipping, mse, psnr, max_abs);
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "check: sampled back from x_T (%lld steps, eta 0, clipping %s): MSE %.6e, PSNR %.2f dB, max abs error %.4g\n",
+                  static_cast<long long>(S), clipping, mse, psnr, max_abs);
+    check_line = buf;
   }
+  outputs.commit();
+  std::fprintf(stderr, "ddim: inverted %lld x %lldx%lldx%lld, %lld steps (model time %s, refine %d, timesteps %d..%d) on %s %s in %.3f s -> %s\n",
+               static_cast<long long>(n), static_cast<long long>(c), static_cast<long long>(h),
+               static_cast<long long>(w), static_cast<long long>(S), to_string(options.model_time), options.refine,
+               result.timesteps.front(), result.timesteps.back(), plan_info.backend.c_str(),
+               plan_info.precision.c_str(), seconds, one_line(out).c_str());
+  std::fputs(check_line.c_str(), stdout);
   return 0;
 }
 

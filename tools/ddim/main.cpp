@@ -1,8 +1,17 @@
 // ddim: command-line front end of the ddim engine.
 //
-// Exit codes: 0 success; 1 a ddim::Error or other failure while running; 2 a command-line
-// mistake (unknown command or option, missing or malformed value). Errors are one line on
-// stderr: "ddim: error: ...".
+// Exit codes: 0 success; 1 a ddim::Error or other failure while running (including a failed
+// write to standard output); 2 a command-line mistake (unknown command or option, missing or
+// malformed value). Errors are one bounded line on stderr: "ddim: error: ...". A reader that
+// closes the pipe early (ddim info M | head -1) ends the program quietly (exit 0).
+#include <poll.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
 #include <exception>
 #include <iostream>
 #include <new>
@@ -65,10 +74,7 @@ bool wants_help(const std::vector<std::string>& args) {
 }
 
 int run(const std::vector<std::string>& argv) {
-  if (argv.empty()) {
-    std::cerr << global_usage() << "\n";
-    throw ddim::cli::UsageError("no command given; see 'ddim --help'");
-  }
+  if (argv.empty()) throw ddim::cli::UsageError("no command given; see 'ddim --help' for the commands");
   const std::string& first = argv.front();
   if (first == "-h" || first == "--help") {
     std::cout << global_help();
@@ -101,25 +107,60 @@ int run(const std::vector<std::string>& argv) {
   return command->run(ddim::cli::parse_args(*command->spec, rest));
 }
 
+void print_error(std::string_view message) {
+  std::cerr << "ddim: error: " << ddim::cli::one_line(message) << "\n" << std::flush;
+}
+
+// True when stdout is a pipe or socket whose reader has gone (EPIPE on the next write).
+bool stdout_reader_gone() {
+  struct stat st {};
+  if (::fstat(STDOUT_FILENO, &st) != 0 || !(S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode))) return false;
+  pollfd p{STDOUT_FILENO, 0, 0};
+  return ::poll(&p, 1, 0) == 1 && (p.revents & POLLERR) != 0;
+}
+
+// Flushes standard output and reports a write error that happened at any point: exit 1 with a
+// message, or quietly when the reader closed the pipe (the command's own exit code).
+int finish_stdout(int code) {
+  errno = 0;
+  std::cout.flush();  // with stdio sync, this flushes stdout too
+  int err = errno;
+  bool ok = !std::cout.fail();
+  errno = 0;
+  if (std::fflush(stdout) != 0) {
+    ok = false;
+    if (errno != 0) err = errno;
+  }
+  if (ok && !std::ferror(stdout)) return code;
+  // Quiet when the reader has gone, and after an error already reported (one line per failure).
+  if (err == EPIPE || stdout_reader_gone() || code != 0) return code;
+  print_error(std::string("cannot write to standard output") + (err != 0 ? std::string(": ") + std::strerror(err) : ""));
+  return 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A closed pipe is an EPIPE write error (handled in finish_stdout), not a fatal signal.
+  std::signal(SIGPIPE, SIG_IGN);
+  int code = 1;
   try {
-    return run(std::vector<std::string>(argv + 1, argv + argc));
+    code = run(std::vector<std::string>(argv + 1, argv + argc));
   } catch (const ddim::cli::UsageError& e) {
-    std::cerr << "ddim: error: " << e.what() << "\n";
-    return 2;
+    print_error(e.what());
+    code = 2;
   } catch (const ddim::Error& e) {
-    std::cerr << "ddim: error: " << e.what() << "\n";
-    return 1;
+    print_error(e.what());
+    code = 1;
   } catch (const std::bad_alloc&) {
-    std::cerr << "ddim: error: out of memory\n";
-    return 1;
+    print_error("out of host memory");
+    code = 1;
   } catch (const std::exception& e) {
-    std::cerr << "ddim: error: " << e.what() << "\n";
-    return 1;
+    print_error(e.what());
+    code = 1;
   } catch (...) {
-    std::cerr << "ddim: error: unknown exception\n";
-    return 1;
+    print_error("unknown exception");
+    code = 1;
   }
+  return finish_stdout(code);
 }

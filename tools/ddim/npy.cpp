@@ -1,28 +1,23 @@
-// .npy reader and writer (NumPy format versions 1.0, 2.0, 3.0) and the shared file helpers.
+// .npy reader and writer (NumPy format versions 1.0, 2.0, 3.0).
 //
 // Layout: "\x93NUMPY", major, minor, header length (u16 LE for 1.0, u32 LE for 2.0/3.0), then
 // the header: a Python dict literal {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }
 // padded with spaces and ended by '\n', then the raw little-endian data in C order.
 #include "npy.hpp"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <bit>
-#include <cerrno>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <optional>
 #include <string_view>
-#include <system_error>
 
 #include "ddim/error.hpp"
+#include "format/input_file.hpp"
 
 namespace ddim::tools {
 namespace {
@@ -278,7 +273,8 @@ NpyHeader parse_checked(std::span<const std::uint8_t> bytes, std::uint64_t total
 
   std::uint64_t count = 1;
   for (std::int64_t d : header.shape) {
-    if (!checked_mul(count, static_cast<std::uint64_t>(d), &count)) {
+    if (!checked_mul(count, static_cast<std::uint64_t>(d), &count) ||
+        count > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
       fail(name, "shape " + shape_to_string(header.shape) + " is too large (its element count overflows)");
     }
   }
@@ -366,35 +362,19 @@ std::vector<int> convert_timesteps(const NpyHeader& header, const std::uint8_t* 
   return out;
 }
 
-// Opens a file, reads and checks its header, leaves the stream at the start of the data.
-NpyHeader read_header(std::ifstream& in, const std::filesystem::path& path, std::span<const NpyDtype> accepted,
+// Reads and checks the header of an open file.
+NpyHeader read_header(const format::InputFile& file, const std::string& name, std::span<const NpyDtype> accepted,
                       const char* hint) {
-  const std::string name = path.string();
-  in.open(path, std::ios::binary);
-  if (!in) throw Error(ErrorCode::Io, "cannot open '" + name + "': " + std::strerror(errno));
-  std::error_code ec;
-  const std::uint64_t size = std::filesystem::file_size(path, ec);
-  if (ec) throw Error(ErrorCode::Io, "cannot read '" + name + "': " + ec.message());
+  const std::uint64_t size = file.size();
   std::vector<std::uint8_t> head(static_cast<std::size_t>(std::min<std::uint64_t>(size, 12)));
-  if (!in.read(reinterpret_cast<char*>(head.data()), static_cast<std::streamsize>(head.size()))) {
-    throw Error(ErrorCode::Io, "cannot read '" + name + "'");
-  }
+  file.read_at(0, head);
   int major = 0;
-  const std::uint64_t end = npy_header_end(head, size, name, &major);
+  const std::uint64_t end = npy_header_end(head, size, name, &major);  // end <= 12 + 2^16
   head.resize(static_cast<std::size_t>(end));
-  if (end > 12 && !in.read(reinterpret_cast<char*>(head.data() + 12), static_cast<std::streamsize>(end - 12))) {
-    throw Error(ErrorCode::Io, "cannot read '" + name + "'");
-  }
+  if (end > 12) file.read_at(12, std::span(head).subspan(12));
   return parse_checked(head, size, name, accepted, hint);
 }
 
-void read_data(std::ifstream& in, void* dst, std::uint64_t bytes, const std::filesystem::path& path) {
-  if (bytes > 0 && !in.read(static_cast<char*>(dst), static_cast<std::streamsize>(bytes))) {
-    throw Error(ErrorCode::Io, "cannot read the data of '" + path.string() + "' (did it change while reading?)");
-  }
-}
-
-std::atomic<unsigned> g_temp_counter{0};
 
 }  // namespace
 
@@ -421,13 +401,14 @@ NpyArray parse_npy_f32(std::span<const std::uint8_t> bytes, const std::string& n
   return array;
 }
 
-NpyArray read_npy_f32(const std::filesystem::path& path) {
-  std::ifstream in;
-  const NpyHeader header = read_header(in, path, kF32Only, kF32Hint);
+NpyArray read_npy_f32(const std::filesystem::path& path, const NpyShapeCheck& check) {
+  const format::InputFile file(path);
+  const NpyHeader header = read_header(file, path.string(), kF32Only, kF32Hint);
+  if (check) check(header.shape);  // before the data is allocated or read
   NpyArray array;
   array.shape = header.shape;
   array.data.resize(static_cast<std::size_t>(header.count));
-  read_data(in, array.data.data(), header.data_bytes, path);
+  file.read_at(header.data_offset, std::span(reinterpret_cast<std::uint8_t*>(array.data.data()), header.data_bytes));
   if constexpr (std::endian::native != std::endian::little) {
     std::vector<float> raw = array.data;
     convert_f32(reinterpret_cast<const std::uint8_t*>(raw.data()), array.data);
@@ -440,11 +421,15 @@ std::vector<int> parse_npy_timesteps(std::span<const std::uint8_t> bytes, const 
   return convert_timesteps(header, bytes.data() + header.data_offset, name);
 }
 
-std::vector<int> read_npy_timesteps(const std::filesystem::path& path) {
-  std::ifstream in;
-  const NpyHeader header = read_header(in, path, kTimestepDtypes, kTimestepHint);
+std::vector<int> read_npy_timesteps(const std::filesystem::path& path, std::uint64_t max_count) {
+  const format::InputFile file(path);
+  const NpyHeader header = read_header(file, path.string(), kTimestepDtypes, kTimestepHint);
+  if (header.count > max_count) {
+    fail(path.string(), "shape " + shape_to_string(header.shape) + " holds " + std::to_string(header.count) +
+                            " timesteps; at most " + std::to_string(max_count) + " are used");
+  }
   std::vector<std::uint8_t> raw(static_cast<std::size_t>(header.data_bytes));
-  read_data(in, raw.data(), header.data_bytes, path);
+  file.read_at(header.data_offset, raw);
   return convert_timesteps(header, raw.data(), path.string());
 }
 
@@ -494,47 +479,7 @@ std::vector<std::uint8_t> encode_npy_f32(std::span<const std::int64_t> shape, st
 }
 
 void write_npy_f32(const std::filesystem::path& path, std::span<const std::int64_t> shape, std::span<const float> data) {
-  write_file_atomic(path, encode_npy_f32(shape, data));
-}
-
-std::vector<std::uint8_t> read_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(ErrorCode::Io, "cannot open '" + path.string() + "': " + std::strerror(errno));
-  std::error_code ec;
-  const std::uint64_t size = std::filesystem::file_size(path, ec);
-  if (ec) throw Error(ErrorCode::Io, "cannot read '" + path.string() + "': " + ec.message());
-  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(size));
-  if (size > 0 && !in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size))) {
-    throw Error(ErrorCode::Io, "cannot read '" + path.string() + "'");
-  }
-  return bytes;
-}
-
-void write_file_atomic(const std::filesystem::path& path, std::span<const std::uint8_t> bytes) {
-  const std::string name = path.string();
-  if (path.filename().empty()) throw Error(ErrorCode::Io, "cannot write '" + name + "': not a file name");
-  const std::filesystem::path temp =
-      path.parent_path() / ("." + path.filename().string() + ".tmp" + std::to_string(::getpid()) + "." +
-                            std::to_string(g_temp_counter.fetch_add(1)));
-  std::FILE* file = std::fopen(temp.c_str(), "wb");
-  if (file == nullptr) throw Error(ErrorCode::Io, "cannot write '" + name + "': " + std::strerror(errno));
-  bool ok = bytes.empty() || std::fwrite(bytes.data(), 1, bytes.size(), file) == bytes.size();
-  int saved_errno = ok ? 0 : errno;
-  if (std::fclose(file) != 0 && ok) {
-    ok = false;
-    saved_errno = errno;
-  }
-  if (ok) {
-    std::error_code ec;
-    std::filesystem::rename(temp, path, ec);
-    if (!ec) return;
-    std::error_code ignored;
-    std::filesystem::remove(temp, ignored);
-    throw Error(ErrorCode::Io, "cannot write '" + name + "': " + ec.message());
-  }
-  std::error_code ignored;
-  std::filesystem::remove(temp, ignored);
-  throw Error(ErrorCode::Io, "cannot write '" + name + "': " + std::strerror(saved_errno));
+  write_file_atomic(path, encode_npy_f32(shape, data), "output");
 }
 
 }  // namespace ddim::tools

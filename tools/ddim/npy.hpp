@@ -4,12 +4,15 @@
 // (a Python literal), dtype, order, shape arithmetic and the data size are all checked, and every
 // failure is a ddim::Error naming the file. Writers are atomic (temp file + rename).
 //
-// Also the small file helpers the codecs share (whole-file read, atomic write).
+// Files are read with files.hpp's rules (regular files only) and written with its OutputFiles.
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
+
+#include "files.hpp"
 
 namespace ddim::tools {
 
@@ -38,12 +41,17 @@ NpyHeader parse_npy_header(std::span<const std::uint8_t> bytes, std::uint64_t to
 
 // A float32 array ('<f4', C order). Anything else is an error with a hint at the fix.
 NpyArray parse_npy_f32(std::span<const std::uint8_t> bytes, const std::string& name);
-NpyArray read_npy_f32(const std::filesystem::path& path);
+// Checks a declared shape (throws to refuse it). read_npy_f32 calls it once the header is valid
+// and before any data is allocated or read, so that a file declaring a huge array is refused
+// without reading it.
+using NpyShapeCheck = std::function<void(std::span<const std::int64_t> shape)>;
+NpyArray read_npy_f32(const std::filesystem::path& path, const NpyShapeCheck& check = {});
 
 // A vector of timesteps: shape () or (N,), dtype '<i4', '<i8', '<f4' or '<f8'; float values
 // must be integral; every value must fit an int.
 std::vector<int> parse_npy_timesteps(std::span<const std::uint8_t> bytes, const std::string& name);
-std::vector<int> read_npy_timesteps(const std::filesystem::path& path);
+// At most max_count timesteps (checked before the data is read).
+std::vector<int> read_npy_timesteps(const std::filesystem::path& path, std::uint64_t max_count);
 
 // Format version 1.0 (2.0 if the header would not fit), header padded with spaces and ended by
 // '\n' so the data starts at a multiple of 64 bytes. data.size() must equal the shape product.
@@ -53,12 +61,5 @@ void write_npy_f32(const std::filesystem::path& path, std::span<const std::int64
 
 // "(2, 3)", "(5,)", "()": the Python spelling of a shape.
 std::string shape_to_string(std::span<const std::int64_t> shape);
-
-// ---- file helpers shared by the codecs
-// Reads a whole file; ddim::Error(Io) naming the path when it cannot be opened or read.
-std::vector<std::uint8_t> read_file(const std::filesystem::path& path);
-// Writes to a temporary file in the same directory, then renames it over `path`: a failure
-// never leaves a partial file at `path`. ddim::Error(Io) naming the path on failure.
-void write_file_atomic(const std::filesystem::path& path, std::span<const std::uint8_t> bytes);
 
 }  // namespace ddim::tools

@@ -23,6 +23,11 @@ constexpr std::array<std::uint8_t, 8> kSignature = {0x89, 'P', 'N', 'G', '\r', '
 constexpr std::size_t kIdatChunk = 1u << 18;           // split IDAT into 256 KiB chunks
 constexpr std::uint64_t kMaxPixelBytes = 1ull << 32;  // 4 GiB of pixels: far beyond any grid
 constexpr std::uint32_t kMaxChunkLength = 0x7fffffffu;
+constexpr std::uint32_t kMaxReadSide = 65536;          // a decoded image's width and height (ddim's sample limit)
+constexpr std::uint64_t kMaxReadFileBytes = 1ull << 30;  // a PNG file read from disk
+// deflate expands at most 1032:1 (258 bytes from one 2-bit code, beyond the stream's overhead):
+// compressed data shorter than this fraction of the rows it declares cannot hold them.
+constexpr std::uint64_t kMaxDeflateRatio = 1032;
 
 constexpr std::array<std::uint32_t, 256> make_crc_table() {
   std::array<std::uint32_t, 256> table{};
@@ -238,7 +243,7 @@ std::vector<std::uint8_t> encode_png(const Image& image, const TextChunks& text)
 }
 
 void write_png(const std::filesystem::path& path, const Image& image, const TextChunks& text) {
-  write_file_atomic(path, encode_png(image, text));
+  write_file_atomic(path, encode_png(image, text), "output");
 }
 
 DecodedPng decode_png(std::span<const std::uint8_t> bytes, const std::string& name) {
@@ -288,6 +293,10 @@ DecodedPng decode_png(std::span<const std::uint8_t> bytes, const std::string& na
       if (data[10] != 0 || data[11] != 0) bad_png(name, "unknown compression or filter method");
       if (data[12] != 0) bad_png(name, "interlaced (Adam7) PNGs are not supported; save the image without interlacing");
       result.image.channels = color == 0 ? 1 : color == 2 ? 3 : 4;
+      if (width > kMaxReadSide || height > kMaxReadSide) {
+        bad_png(name, "image size " + std::to_string(width) + "x" + std::to_string(height) + " is larger than " +
+                          std::to_string(kMaxReadSide) + " pixels per side, ddim's limit");
+      }
       if (checked_pixel_bytes(width, height, static_cast<std::uint64_t>(result.image.channels)) == 0) {
         bad_png(name, "invalid image size " + std::to_string(width) + "x" + std::to_string(height));
       }
@@ -324,6 +333,13 @@ DecodedPng decode_png(std::span<const std::uint8_t> bytes, const std::string& na
 
   const std::size_t row = static_cast<std::size_t>(result.image.width) * static_cast<std::size_t>(result.image.channels);
   const std::size_t height = static_cast<std::size_t>(result.image.height);
+  // The declared size is checked against the data before it is allocated: a few bytes declaring
+  // 65535x65535 pixels are refused without taking 4 GB.
+  if ((row + 1) * height / kMaxDeflateRatio > idat.size() + 64) {
+    bad_png(name, "it declares a " + std::to_string(result.image.width) + "x" + std::to_string(result.image.height) +
+                      " image (" + std::to_string((row + 1) * height) + " bytes of rows), which its " +
+                      std::to_string(idat.size()) + " bytes of compressed image data cannot hold (truncated or corrupt)");
+  }
   std::vector<std::uint8_t> raw((row + 1) * height);
   uLongf raw_size = static_cast<uLongf>(raw.size());
   const int rc = uncompress(raw.data(), &raw_size, idat.data(), static_cast<uLong>(idat.size()));
@@ -335,7 +351,9 @@ DecodedPng decode_png(std::span<const std::uint8_t> bytes, const std::string& na
   return result;
 }
 
-DecodedPng read_png(const std::filesystem::path& path) { return decode_png(read_file(path), path.string()); }
+DecodedPng read_png(const std::filesystem::path& path) {
+  return decode_png(read_file(path, kMaxReadFileBytes), path.string());
+}
 
 std::vector<float> image_to_tensor(const Image& image, int channels, const std::string& name) {
   const auto kind = [](int c) -> std::string {

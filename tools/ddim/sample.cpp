@@ -11,6 +11,8 @@
 
 #include "commands.hpp"
 #include "ddim/error.hpp"
+#include "files.hpp"
+#include "format/input_file.hpp"
 #include "ddim/model.hpp"
 #include "ddim/schedule.hpp"
 #include "ddim/toolkit.hpp"
@@ -25,10 +27,10 @@ constexpr OptionSpec kOptions[] = {
     {"--sampler", "NAME", "ddim", "ddim|ddpm; ddpm runs all T training timesteps (--steps is ignored)"},
     {"--variance", "NAME", "", "ddpm only: fixed_small|fixed_large (default: the model's variance_type)"},
     {"--steps", "N", "50", "number of DDIM steps"},
-    {"--eta", "X", "0", "DDIM eta: 0 is deterministic, 1 is DDPM-like"},
+    {"--eta", "X", "0", "DDIM eta in [0, 1]: 0 is deterministic, 1 adds DDPM-like noise"},
     {"--seed", "N", "0", "base seed; sample i uses seed + i"},
     {"--seeds", "LIST", "", "one seed per sample instead, e.g. 9,2,5 (the batch is their count); a sample depends on its own seed only"},
-    {"--batch", "N", "16", "number of samples; with --x-T, its N"},
+    {"--batch", "N", "16", "number of samples (at most 65535); with --x-T, its N"},
     {"--spacing", "NAME", "", "leading|trailing|linspace|uniform|quadratic|log (default: the model's)"},
     {"--timesteps", "LIST", "", "custom timesteps, strictly decreasing, e.g. 999,750,500,250,0"},
     {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
@@ -37,7 +39,7 @@ constexpr OptionSpec kOptions[] = {
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
     {"--height", "H", "", "sample height (default: the model's)"},
     {"--width", "W", "", "sample width (default: the model's)"},
-    {"--threads", "N", "0", "CPU worker threads, 0 for all cores"},
+    {"--threads", "N", "0", "CPU worker threads (at most 1024), 0 for all cores"},
     {"--x-T", "FILE", "", "start from this float32 (N, C, H, W) .npy instead of seeded noise"},
     {"--noise", "FILE", "", "float32 (S, N, C, H, W) .npy: the unit-normal noise of each step (needs eta > 0; ddpm: S = T)"},
     {"--out", "FILE", "samples.png", "output: a .png grid or a .npy of the raw float32 (N, C, H, W); skipped when only --out-dir is given"},
@@ -64,9 +66,11 @@ int run_sample(const ParsedArgs& args) {
   // ---- every command-line check first, before any work
   const std::filesystem::path model_path = args.str("--model");
   const int steps = args.integer("--steps", 1, 1'000'000);
-  const double eta = args.real("--eta", 0.0, 1e6);
+  // Beyond 1 the noise exceeds what the step can take (sigma^2 > 1 - alpha-bar_prev): the
+  // direction term is clipped to 0 and the samples blow up.
+  const double eta = args.real("--eta", 0.0, 1.0);
   const std::uint64_t seed = args.u64("--seed");
-  int batch_option = args.integer("--batch", 1, 1 << 20);
+  int batch_option = args.integer("--batch", 1, kMaxBatch);
   std::vector<std::uint64_t> seeds;
   if (const auto list = args.get("--seeds")) {
     if (args.given("--seed")) throw UsageError("give --seed (sample i uses seed + i) or --seeds (one per sample), not both");
@@ -93,8 +97,8 @@ int run_sample(const ParsedArgs& args) {
   SessionOptions session_options = session_options_from(args);
   session_options.profile = args.flag("--profile");
   session_options.autotune = args.flag("--autotune");
-  if (args.get("--height")) session_options.height = args.integer("--height", 1, 1 << 16);
-  if (args.get("--width")) session_options.width = args.integer("--width", 1, 1 << 16);
+  if (args.get("--height")) session_options.height = args.integer("--height", 1, kMaxSampleSize);
+  if (args.get("--width")) session_options.width = args.integer("--width", 1, kMaxSampleSize);
 
   const std::optional<std::string> x_T_path = args.get("--x-T");
   const std::optional<std::string> noise_path = args.get("--noise");
@@ -125,29 +129,29 @@ int run_sample(const ParsedArgs& args) {
   if (noise_path && eta == 0.0 && !ddpm) {
     throw UsageError("--noise needs --eta > 0 (with eta = 0 no noise is added)");
   }
+
+  // The outputs: checked and registered now (two options naming one file are refused), written
+  // all or nothing at the end.
+  tools::OutputFiles outputs;
   const std::optional<std::string> out_dir = args.get("--out-dir");
   // The default --out applies only when --out-dir is not given either.
   const std::optional<std::string> out = args.given("--out") || !out_dir ? args.get("--out") : std::nullopt;
-  const bool out_png = out && extension_of(*out) == ".png";
-  if (out && !out_png && extension_of(*out) != ".npy") {
-    throw UsageError("--out: '" + *out + "' must end in .png or .npy");
-  }
+  const bool out_png = out && output_extension(*out, "--out", {".png", ".npy"}) == ".png";
   const std::optional<std::string> trajectory_path = args.get("--trajectory");
   const std::optional<std::string> x0_path = args.get("--x0");
-  for (const auto& [path, option] : {std::pair{trajectory_path, "--trajectory"}, std::pair{x0_path, "--x0"}}) {
-    if (path && extension_of(*path) != ".npy") throw UsageError(std::string(option) + ": '" + *path + "' must end in .npy");
-  }
-  if (out) check_output_path(*out, "--out");
-  if (trajectory_path) check_output_path(*trajectory_path, "--trajectory");
-  if (x0_path) check_output_path(*x0_path, "--x0");
+  if (trajectory_path) output_extension(*trajectory_path, "--trajectory", {".npy"});
+  if (x0_path) output_extension(*x0_path, "--x0", {".npy"});
+  if (out) outputs.add(*out, "--out");
+  if (trajectory_path) outputs.add(*trajectory_path, "--trajectory");
+  if (x0_path) outputs.add(*x0_path, "--x0");
   if (out_dir) {
     std::error_code ec;
     if (std::filesystem::exists(*out_dir, ec) && !std::filesystem::is_directory(*out_dir, ec)) {
-      throw Error(ErrorCode::Io, "--out-dir: '" + *out_dir + "' exists and is not a directory");
+      throw Error(ErrorCode::Io, "--out-dir: " + format::quote_path(*out_dir) + " exists and is not a directory");
     }
   }
 
-  // ---- the model and the inputs
+  // ---- the model and the inputs (their declared shapes checked before their data is read)
   const std::shared_ptr<const Model> model = Model::load(model_path);
   const ModelInfo& info = model->info();
   const std::int64_t channels = info.in_channels;
@@ -161,40 +165,42 @@ int run_sample(const ParsedArgs& args) {
   int batch = batch_option;
   tools::NpyArray x_T;
   if (x_T_path) {
-    x_T = tools::read_npy_f32(*x_T_path);
-    const std::string what = "--x-T '" + *x_T_path + "'";
-    if (x_T.shape.size() == 4 && (x_T.shape[0] < 1 || x_T.shape[0] > (1 << 20))) {
-      throw Error(ErrorCode::InvalidArgument, what + ": batch " + std::to_string(x_T.shape[0]) + " is out of range");
-    }
-    check_shape(x_T.shape, std::vector<std::int64_t>{-1, channels, height, width}, what,
-                "(N, C, H, W) with the model's channels and the sample size");
-    if ((args.given("--batch") || !seeds.empty()) && x_T.shape[0] != batch_option) {
-      throw Error(ErrorCode::InvalidArgument, std::string(seeds.empty() ? "--batch " : "--seeds' count ") + std::to_string(batch_option) + " disagrees with " + what +
-                                                  ", which holds " + std::to_string(x_T.shape[0]) + " samples");
-    }
+    const std::string what = "--x-T " + format::quote_path(*x_T_path);
+    x_T = tools::read_npy_f32(*x_T_path, [&](std::span<const std::int64_t> shape) {
+      if (shape.size() == 4 && (shape[0] < 1 || shape[0] > kMaxBatch)) {
+        throw Error(ErrorCode::InvalidArgument, what + ": batch " + std::to_string(shape[0]) + " is out of range [1, " +
+                                                    std::to_string(kMaxBatch) + "]");
+      }
+      check_shape(shape, std::vector<std::int64_t>{-1, channels, height, width}, what,
+                  "(N, C, H, W) with the model's channels and the sample size");
+      if ((args.given("--batch") || !seeds.empty()) && shape[0] != batch_option) {
+        throw Error(ErrorCode::InvalidArgument, std::string(seeds.empty() ? "--batch " : "--seeds' count ") +
+                                                    std::to_string(batch_option) + " disagrees with " + what +
+                                                    ", which holds " + std::to_string(shape[0]) + " samples");
+      }
+    });
     check_finite(x_T.data, what);
     batch = static_cast<int>(x_T.shape[0]);
     options.x_T = x_T.data;
   }
+  if (seeds.empty()) check_seed_range(seed, static_cast<std::uint64_t>(batch), "--seed");
 
   // The timesteps this run visits (the same computation the session makes), for --noise.
-  const Scheduler scheduler(model->schedule());
   TimestepPlan plan;
   if (ddpm) {
     for (int t = model->schedule().num_train_timesteps - 1; t >= 0; --t) plan.timesteps.push_back(t);
   } else {
-    plan = options.timesteps.empty() ? scheduler.timesteps(steps, options.spacing, options.steps_offset)
-                                     : scheduler.custom_timesteps(options.timesteps);
+    plan = plan_timesteps(*model, args, steps, options.spacing, options.timesteps, options.steps_offset);
   }
   const auto visited = static_cast<std::int64_t>(plan.timesteps.size());
   tools::NpyArray noise;
   if (noise_path) {
-    noise = tools::read_npy_f32(*noise_path);
-    const std::string what = "--noise '" + *noise_path + "'";
-    check_shape(noise.shape, std::vector<std::int64_t>{visited, batch, channels, height, width}, what,
-                "(S, N, C, H, W), one slice for each of the " + std::to_string(visited) +
-                    " timesteps visited (" + join(plan.timesteps) + ") and each of the " + std::to_string(batch) +
-                    " samples");
+    const std::string what = "--noise " + format::quote_path(*noise_path);
+    noise = tools::read_npy_f32(*noise_path, [&](std::span<const std::int64_t> shape) {
+      check_shape(shape, std::vector<std::int64_t>{visited, batch, channels, height, width}, what,
+                  "(S, N, C, H, W), one slice for each of the " + std::to_string(visited) + " timesteps visited (" +
+                      join_bounded(plan.timesteps) + ") and each of the " + std::to_string(batch) + " samples");
+    });
     check_finite(noise.data, what);
     options.noise = noise.data;
   }
@@ -205,17 +211,28 @@ int run_sample(const ParsedArgs& args) {
   ddpm_options.want_trajectory = options.want_trajectory;
   ddpm_options.want_x0 = options.want_x0;
 
+  // --out-dir: one file per sample, <seed>_<index>.png, registered with the others.
+  std::vector<std::filesystem::path> per_image_paths;
+  if (out_dir) {
+    outputs.make_directory(*out_dir, "--out-dir");
+    for (int i = 0; i < batch; ++i) {
+      const std::uint64_t image_seed = seeds.empty() ? seed + static_cast<std::uint64_t>(i) : seeds[static_cast<std::size_t>(i)];
+      per_image_paths.push_back(std::filesystem::path(*out_dir) / (std::to_string(image_seed) + "_" + std::to_string(i) + ".png"));
+      outputs.add(per_image_paths.back(), "--out-dir");
+    }
+  }
+
   // ---- sample
   session_options.batch = batch;
-  const std::unique_ptr<Session> session = Session::create(model, session_options);
+  const std::unique_ptr<Session> session =
+      create_session(model, session_options, "--height/--width", true, args, {"--autotune", "--profile"});
   const PlanInfo& plan_info = session->plan_info();
-  if (!plan_info.fallback.empty()) std::cerr << "ddim: warning: running on the CPU: the CUDA backend failed: " << plan_info.fallback << "\n";
   if (isatty(STDERR_FILENO)) options.progress = ddpm_options.progress = make_progress_bar();
   const auto start = std::chrono::steady_clock::now();
   const SampleResult result = ddpm ? session->sample_ddpm(ddpm_options) : session->sample(options);
   const double seconds = seconds_since(start);
-  if (!result.warning.empty()) std::cerr << "ddim: warning: " << result.warning << "\n";
-  for (const std::string& w : session->plan_info().warnings) std::cerr << "ddim: warning: " << w << "\n";
+  if (!result.warning.empty()) warn(result.warning);
+  for (const std::string& w : session->plan_info().warnings) warn(w);
 
   const std::int64_t S = static_cast<std::int64_t>(result.timesteps.size());
   const std::int64_t n = result.n, c = result.c, h = result.h, w = result.w;
@@ -226,8 +243,9 @@ int run_sample(const ParsedArgs& args) {
     }
   };
   expect_size(result.images, n * c * h * w, "image");
+  if (n != batch) throw Error(ErrorCode::Internal, "the session returned " + std::to_string(n) + " samples");
 
-  // ---- outputs: everything encoded first, then written (each write atomic)
+  // ---- outputs: every file written to its temporary first, then all renamed
   const std::string spacing_name = ddpm ? "all"
                                    : options.timesteps.empty()
                                        ? to_string(options.spacing.value_or(model->schedule().timestep_spacing))
@@ -244,7 +262,6 @@ int run_sample(const ParsedArgs& args) {
   if (x_T_path) common_text.emplace_back("x_T", *x_T_path);
   if (noise_path) common_text.emplace_back("noise", *noise_path);
 
-  std::vector<std::pair<std::filesystem::path, std::vector<std::uint8_t>>> files;
   if (out) {
     const std::int64_t shape[] = {n, c, h, w};
     if (out_png) {
@@ -252,11 +269,9 @@ int run_sample(const ParsedArgs& args) {
       if (seeds.empty()) text.emplace_back("seed", std::to_string(seed));
       else text.emplace_back("seeds", join(seeds));
       text.emplace_back("batch", std::to_string(n));
-      files.emplace_back(*out, tools::encode_png(tools::batch_to_grid(result.images, result.n, result.c, result.h,
-                                                                      result.w),
-                                                 text));
+      outputs.stage(*out, tools::encode_png(tools::batch_to_grid(result.images, result.n, result.c, result.h, result.w), text));
     } else {
-      files.emplace_back(*out, tools::encode_npy_f32(shape, result.images));
+      outputs.stage(*out, tools::encode_npy_f32(shape, result.images));
     }
   }
   if (out_dir) {
@@ -267,26 +282,21 @@ int run_sample(const ParsedArgs& args) {
       text.emplace_back("seed", std::to_string(image_seed));
       text.emplace_back("index", std::to_string(i));
       const std::span<const float> image(result.images.data() + per_image * static_cast<std::size_t>(i), per_image);
-      files.emplace_back(std::filesystem::path(*out_dir) / (std::to_string(image_seed) + "_" + std::to_string(i) + ".png"),
-                         tools::encode_png(tools::tensor_to_image(image, result.c, result.h, result.w), text));
+      outputs.stage(per_image_paths[static_cast<std::size_t>(i)],
+                    tools::encode_png(tools::tensor_to_image(image, result.c, result.h, result.w), text));
     }
   }
   if (trajectory_path) {
     expect_size(result.trajectory, (S + 1) * n * c * h * w, "trajectory");
     const std::int64_t shape[] = {S + 1, n, c, h, w};
-    files.emplace_back(*trajectory_path, tools::encode_npy_f32(shape, result.trajectory));
+    outputs.stage(*trajectory_path, tools::encode_npy_f32(shape, result.trajectory));
   }
   if (x0_path) {
     expect_size(result.x0, S * n * c * h * w, "x0");
     const std::int64_t shape[] = {S, n, c, h, w};
-    files.emplace_back(*x0_path, tools::encode_npy_f32(shape, result.x0));
+    outputs.stage(*x0_path, tools::encode_npy_f32(shape, result.x0));
   }
-  if (out_dir) {
-    std::error_code ec;
-    std::filesystem::create_directories(*out_dir, ec);
-    if (ec) throw Error(ErrorCode::Io, "--out-dir: cannot create '" + *out_dir + "': " + ec.message());
-  }
-  for (const auto& [path, bytes] : files) tools::write_file_atomic(path, bytes);
+  outputs.commit();
 
   std::string written;
   if (out) written = *out;
@@ -298,7 +308,7 @@ int run_sample(const ParsedArgs& args) {
                static_cast<long long>(n), static_cast<long long>(c), static_cast<long long>(h),
                static_cast<long long>(w), static_cast<long long>(S), kind.c_str(),
                plan_info.backend.c_str(), plan_info.precision.c_str(), seconds,
-               S > 0 ? 1000.0 * seconds / static_cast<double>(S) : 0.0, written.c_str());
+               S > 0 ? 1000.0 * seconds / static_cast<double>(S) : 0.0, one_line(written).c_str());
   return 0;
 }
 

@@ -40,6 +40,10 @@ DDIM_API int cuda_device_count() noexcept;
 
 // The largest batch a session takes, on every backend (a CUDA grid dimension holds 65535 blocks).
 inline constexpr int kMaxBatch = 65535;
+// The largest sample height and width a session takes (SessionOptions::height, width).
+inline constexpr int kMaxSampleSize = 16384;
+// The most CPU worker threads a session takes (SessionOptions::threads).
+inline constexpr int kMaxThreads = 1024;
 
 struct SessionOptions {
   BackendKind backend = BackendKind::Auto;
@@ -48,7 +52,7 @@ struct SessionOptions {
   Precision precision = Precision::Auto;
   int height = 0;   // 0: the model's declared size
   int width = 0;
-  int threads = 0;  // CPU worker threads; 0: hardware concurrency
+  int threads = 0;  // CPU worker threads, 0 .. kMaxThreads; 0: hardware concurrency
   // CUDA: run every step eagerly (no CUDA graph) with one NVTX range per graph node, for
   // profiling with Nsight Systems / Compute (ranges inside a captured graph do not replay).
   bool profile = false;
