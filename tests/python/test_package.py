@@ -362,6 +362,24 @@ def test_slerp():
 
 # ------------------------------------------------------------------------------------------------------- errors
 
+def test_seed_and_eta_errors_name_the_argument(cpu1, cpu2):
+    # Out-of-range or mistyped seeds are InvalidArgumentError naming the argument, not a TypeError
+    # with the whole signature.
+    for bad in (-1, 2**64, 1.5, "7", True):
+        with pytest.raises(ddim.InvalidArgumentError, match=r"seed"):
+            cpu1.sample(2, seed=bad)
+    with pytest.raises(ddim.InvalidArgumentError, match=r"seeds\[1\]"):
+        cpu2.sample(2, seeds=[3, -4])
+    with pytest.raises(ddim.InvalidArgumentError, match=r"seeds"):
+        cpu2.sample(2, seeds=5)
+    with pytest.raises(ddim.InvalidArgumentError, match=r"seed \d+: sample i of the batch uses seed \+ i"):
+        cpu2.sample(2, seed=2**64 - 1)  # the second sample's seed would wrap
+    assert np.array_equal(cpu1.sample(2, seed=np.uint64(2**64 - 1)), cpu1.sample(2, seed=2**64 - 1))
+    for eta in (float("inf"), float("nan"), -0.5):
+        with pytest.raises(ddim.InvalidArgumentError, match=r"eta must be finite"):
+            cpu1.sample(2, eta=eta)
+
+
 def test_error_classes(model, tmp_path):
     assert issubclass(ddim.Error, RuntimeError)
     for name in ("InvalidFileError", "InvalidArgumentError", "UnsupportedError", "OutOfMemoryError",

@@ -149,6 +149,33 @@ bool output_on_device(const std::string& output) {
   invalid("output must be 'host' or 'device', got '" + output + "'");
 }
 
+// A seed: a Python int (or anything with __index__, e.g. a NumPy integer; not a bool) in
+// [0, 2**64 - 1]. Anything else is an InvalidArgumentError naming `what`, instead of nanobind's
+// TypeError with the whole signature.
+std::uint64_t seed_of(nb::handle v, const std::string& what) {
+  if (PyBool_Check(v.ptr()) || !PyIndex_Check(v.ptr()))
+    invalid(what + " must be an integer in [0, 2**64 - 1], not " +
+            nb::cast<std::string>(nb::str(v.type().attr("__name__"))));
+  nb::object index = nb::steal(PyNumber_Index(v.ptr()));
+  if (!index.is_valid()) throw nb::python_error();
+  const unsigned long long x = PyLong_AsUnsignedLongLong(index.ptr());
+  if (x == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    invalid(what + " must be in [0, 2**64 - 1], got " + nb::cast<std::string>(nb::str(index)));
+  }
+  return static_cast<std::uint64_t>(x);
+}
+
+std::optional<std::vector<std::uint64_t>> seeds_of(nb::handle v) {
+  if (v.is_none()) return std::nullopt;
+  if (!PySequence_Check(v.ptr()) || PyUnicode_Check(v.ptr()) || PyBytes_Check(v.ptr()))
+    invalid("seeds must be a sequence of integers (one per sample), not " +
+            nb::cast<std::string>(nb::str(v.type().attr("__name__"))));
+  std::vector<std::uint64_t> out;
+  for (nb::handle item : nb::iter(v)) out.push_back(seed_of(item, "seeds[" + std::to_string(out.size()) + "]"));
+  return out;
+}
+
 std::optional<ddim::Spacing> spacing_of(const std::optional<std::string>& s) {
   if (!s) return std::nullopt;
   return ddim::parse_spacing(*s);
@@ -292,7 +319,7 @@ void session_init(PySession* self, const PyModel& model, const std::string& devi
   s->c_out = model.model->info().out_channels;
 }
 
-nb::object sample(PySession& s, int steps, double eta, std::uint64_t seed, std::optional<std::vector<std::uint64_t>> seeds,
+nb::object sample(PySession& s, int steps, double eta, nb::handle seed_arg, nb::handle seeds_arg,
                   nb::handle x_T, nb::handle noise, std::optional<std::string> spacing,
                   std::optional<std::vector<int>> timesteps, std::optional<bool> clip_sample,
                   std::optional<bool> set_alpha_to_one, std::optional<int> steps_offset, bool use_clipped_model_output,
@@ -301,8 +328,8 @@ nb::object sample(PySession& s, int steps, double eta, std::uint64_t seed, std::
   ddim::SampleOptions o;
   o.steps = steps;
   o.eta = eta;
-  o.seed = seed;
-  if (seeds) o.seeds = *seeds;
+  o.seed = seed_of(seed_arg, "seed");
+  if (auto seeds = seeds_of(seeds_arg)) o.seeds = std::move(*seeds);
   o.spacing = spacing_of(spacing);
   if (timesteps) {
     if (timesteps->empty()) invalid("timesteps is empty");
@@ -378,13 +405,13 @@ nb::object sample(PySession& s, int steps, double eta, std::uint64_t seed, std::
   return nb::cast(res, nb::rv_policy::take_ownership);
 }
 
-nb::object sample_ddpm(PySession& s, std::uint64_t seed, std::optional<std::vector<std::uint64_t>> seeds, nb::handle x_T,
+nb::object sample_ddpm(PySession& s, nb::handle seed_arg, nb::handle seeds_arg, nb::handle x_T,
                        nb::handle noise, std::optional<std::string> variance, std::optional<bool> clip_sample,
                        bool trajectory, bool x0, nb::handle progress) {
   Busy busy(s);
   ddim::DdpmOptions o;
-  o.seed = seed;
-  if (seeds) o.seeds = *seeds;
+  o.seed = seed_of(seed_arg, "seed");
+  if (auto seeds = seeds_of(seeds_arg)) o.seeds = std::move(*seeds);
   if (variance) o.variance = ddim::parse_variance_type(*variance);
   o.clip_sample = clip_sample;
   o.want_trajectory = trajectory;
