@@ -193,6 +193,11 @@ void OutputFiles::commit() {
     }
   }
   std::set<fs::path> dirs;
+  for (const Entry& e : entries_) dirs.insert(e.target.parent_path());
+  // The temporary files' directory entries are on disk before any rename (the files themselves
+  // were synced when staged); after the renames the directories are synced again, which makes the
+  // new names durable.
+  for (const fs::path& dir : dirs) sync_directory(dir);
   for (std::size_t i = 0; i < entries_.size(); ++i) {
     Entry& e = entries_[i];
     if (::rename(e.temp.c_str(), e.target.c_str()) != 0) {
@@ -203,7 +208,6 @@ void OutputFiles::commit() {
                              (replaced.empty() ? std::string(" (nothing was replaced)") : "; already replaced: " + replaced));
     }
     e.temp.clear();
-    dirs.insert(e.target.parent_path());
   }
   for (const fs::path& dir : dirs) sync_directory(dir);
   committed_ = true;
