@@ -1,81 +1,36 @@
-// Spatial self-attention (diffusers' Attention / the DDPM AttnBlock), fp32, NCHW, one sample at a
-// time, with every matrix product on the deterministic gemm.
+// Spatial self-attention (diffusers' Attention / the DDPM AttnBlock), NCHW, every matrix product
+// on the deterministic gemm (fp32, or bf16 operands with fp32 accumulation).
 //
-// Per sample, with x (c, hw) the channel-major tokens:
-//   qT, kT, vT (d, hw) = W{q,k,v} (d, c) . x + b      (feature-major: no transposes needed)
-//   k (hw, d)          = transpose(kT)
-//   per head h (rows h*hd .. of the feature-major matrices):
-//     sT (hw_j, hw_i)  = k_h (hw, hd) . qT_h (hd, hw)  (scores transposed: key j, query i)
-//     softmax over j for each query column i: scale, subtract the column max, exp, normalise
+// With x (n, c, hw) the channel-major tokens of the batch:
+//   qkv (n, 3d, hw) = [Wq; Wk; Wv] (3d, c) . x + [bq; bk; bv]     one gemm over the batch
+//   per sample and head h (rows h*hd .. of the feature-major qT, kT, vT):
+//     sT (hw_j, hw_i)  = k_h (hw, hd) . qT_h (hd, hw)  (scores transposed: key j, query i; k_h is
+//                                                       kT_h read transposed while packing)
+//     softmax over j for each query column i: scale, subtract the column max, exp (exp_f32), normalise
 //     oT_h (hd, hw)    = vT_h (hd, hw_j) . sT (hw_j, hw_i)
-//   out (c, hw) = Wo (c, d) . oT + bo;  y = (out + residual) / rescale
+//   y (n, c, hw) = ((Wo (c, d) . oT + bo) + residual) / rescale   one gemm, the rest in its epilogue
 // The softmax of a column is a fixed sequential pass over j, so nothing depends on the batch or
-// on the thread count. y may alias residual.
+// on the thread count. y must not alias residual.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <limits>
 #include <string>
 
+#include "cpu/gemm_core.hpp"
 #include "cpu/ops.hpp"
 #include "cpu/thread_pool.hpp"
+#include "cpu/vec_math.hpp"
 #include "ddim/error.hpp"
 
 namespace ddim::cpu {
 
 namespace {
 
-struct AttentionScratch {
-  float *qT, *kT, *vT, *oT, *k, *sT, *out, *col_max, *col_sum;
-};
-
-AttentionScratch carve(float* s, int c, int hw, int d) {
-  const std::size_t dhw = static_cast<std::size_t>(d) * hw;
-  AttentionScratch a{};
-  a.qT = s;
-  a.kT = a.qT + dhw;
-  a.vT = a.kT + dhw;
-  a.oT = a.vT + dhw;
-  a.k = a.oT + dhw;
-  a.sT = a.k + dhw;
-  a.out = a.sT + static_cast<std::size_t>(hw) * hw;
-  a.col_max = a.out + static_cast<std::size_t>(c) * hw;
-  a.col_sum = a.col_max + hw;
-  return a;
-}
-
-// rows (rows, hw) += bias[row], when there is a bias.
-void add_row_bias(float* m, int rows, int hw, const float* bias, ThreadPool* pool) {
-  if (!bias) return;
-  parallel_for(pool, rows, [&](std::int64_t begin, std::int64_t end) {
-    for (std::int64_t r = begin; r < end; ++r) {
-      float* p = m + r * hw;
-      const float b = bias[r];
-      for (int i = 0; i < hw; ++i) p[i] += b;
-    }
-  });
-}
-
-// dst (cols, rows) = transpose(src (rows, cols)), in cache-sized blocks.
-void transpose(const float* src, int rows, int cols, float* dst, ThreadPool* pool) {
-  constexpr int kBlock = 32;
-  const int col_blocks = (cols + kBlock - 1) / kBlock;
-  parallel_for(pool, col_blocks, [&](std::int64_t begin, std::int64_t end) {
-    for (std::int64_t cb = begin; cb < end; ++cb) {
-      const int c0 = static_cast<int>(cb) * kBlock, c1 = std::min(cols, c0 + kBlock);
-      for (int r0 = 0; r0 < rows; r0 += kBlock) {
-        const int r1 = std::min(rows, r0 + kBlock);
-        for (int ci = c0; ci < c1; ++ci)
-          for (int r = r0; r < r1; ++r)
-            dst[static_cast<std::ptrdiff_t>(ci) * rows + r] = src[static_cast<std::ptrdiff_t>(r) * cols + ci];
-      }
-    }
-  });
-}
-
 // Column-wise softmax of sT (hw_j, hw_i) over j, after multiplying by scale.
-void softmax_columns(float* sT, int hw, float scale, float* col_max, float* col_sum, ThreadPool* pool) {
+void softmax_columns(float* sT, int hw, float scale, float* col_max, float* col_sum, Isa isa, ThreadPool* pool) {
   parallel_for(pool, hw, [&](std::int64_t begin, std::int64_t end) {
+   with_isa(isa, [&]() DDIM_INLINE_LAMBDA {
     const int i0 = static_cast<int>(begin), i1 = static_cast<int>(end);
     for (int i = i0; i < i1; ++i) {
       col_max[i] = -std::numeric_limits<float>::infinity();
@@ -91,17 +46,16 @@ void softmax_columns(float* sT, int hw, float scale, float* col_max, float* col_
     }
     for (int j = 0; j < hw; ++j) {
       float* row = sT + static_cast<std::ptrdiff_t>(j) * hw;
-      for (int i = i0; i < i1; ++i) {
-        const float e = std::exp(row[i] - col_max[i]);
-        row[i] = e;
-        col_sum[i] += e;
-      }
+      for (int i = i0; i < i1; ++i) row[i] = row[i] - col_max[i];
+      map16(row + i0, row + i0, static_cast<std::size_t>(i1 - i0), [](auto v) DDIM_INLINE_LAMBDA { return exp_f32(v); });
+      for (int i = i0; i < i1; ++i) col_sum[i] += row[i];
     }
     for (int i = i0; i < i1; ++i) col_sum[i] = 1.0f / col_sum[i];
     for (int j = 0; j < hw; ++j) {
       float* row = sT + static_cast<std::ptrdiff_t>(j) * hw;
       for (int i = i0; i < i1; ++i) row[i] *= col_sum[i];
     }
+   });
   });
 }
 
@@ -114,54 +68,90 @@ void check(int n, int c, int hw, int d, int heads) {
 
 }  // namespace
 
+void pack_attention(const AttentionWeights& w, int c, int d, const KernelSpec& spec, PackedAttention& out,
+                    ThreadPool* pool) {
+  check(1, c, 1, d, 1);
+  // [Wq; Wk; Wv] as one (3d, c) matrix, and the biases likewise (zeros where a bias is absent).
+  std::vector<float> wqkv(static_cast<std::size_t>(3) * d * c);
+  const std::size_t block = static_cast<std::size_t>(d) * c;
+  std::copy_n(w.wq, block, wqkv.begin());
+  std::copy_n(w.wk, block, wqkv.begin() + static_cast<std::ptrdiff_t>(block));
+  std::copy_n(w.wv, block, wqkv.begin() + static_cast<std::ptrdiff_t>(2 * block));
+  pack_a(wqkv.data(), 3 * d, c, c, 1, spec, out.qkv, pool);
+  out.qkv_bias.clear();
+  if (w.bq || w.bk || w.bv) {
+    out.qkv_bias.assign(static_cast<std::size_t>(3) * d, 0.0f);
+    const float* biases[3] = {w.bq, w.bk, w.bv};
+    for (int i = 0; i < 3; ++i)
+      if (biases[i]) std::copy_n(biases[i], d, out.qkv_bias.begin() + static_cast<std::ptrdiff_t>(i) * d);
+  }
+  pack_a(w.wo, c, d, d, 1, spec, out.out, pool);
+  out.bo = w.bo;
+  out.spec = &spec;
+}
+
 std::size_t attention_scratch_floats(int n, int c, int hw, int d, ThreadPool* /*pool*/) {
   check(n, c, hw, d, 1);
-  return 5 * static_cast<std::size_t>(d) * hw + static_cast<std::size_t>(hw) * hw + static_cast<std::size_t>(c) * hw +
-         2 * static_cast<std::size_t>(hw);
+  return static_cast<std::size_t>(n) * 4 * d * hw + static_cast<std::size_t>(hw) * hw + 2 * static_cast<std::size_t>(hw);
+}
+
+void attention_packed(const float* x_normed, const float* residual, int n, int c, int hw, int d, int heads, float scale,
+                      const PackedAttention& w, float rescale, float* y, float* scratch, ThreadPool* pool) {
+  check(n, c, hw, d, heads);
+  if (!scratch) throw Error(ErrorCode::InvalidArgument, "cpu attention: scratch is required");
+  if (residual && residual == y) throw Error(ErrorCode::InvalidArgument, "cpu attention: y may not alias the residual");
+  if (w.qkv.m != 3 * d || w.qkv.k != c || w.out.m != c || w.out.k != d)
+    throw Error(ErrorCode::InvalidArgument, "cpu attention: packed weights do not fit c=" + std::to_string(c) +
+                                                " d=" + std::to_string(d));
+  if (n == 0) return;
+  const int hd = d / heads;
+  const std::size_t dhw = static_cast<std::size_t>(d) * hw;
+  float* qkv = scratch;                                     // (n, 3d, hw)
+  float* o = qkv + static_cast<std::size_t>(n) * 3 * dhw;   // (n, d, hw)
+  float* sT = o + static_cast<std::size_t>(n) * dhw;        // (hw, hw)
+  float* col_max = sT + static_cast<std::size_t>(hw) * hw;  // (hw)
+  float* col_sum = col_max + hw;                            // (hw)
+  const long total = static_cast<long>(n) * hw;
+  {
+    const MatrixB xb{x_normed, hw, hw, static_cast<std::ptrdiff_t>(c) * hw};
+    COut out;
+    out.c = qkv;
+    out.ldc = hw;
+    out.seg = hw;
+    out.seg_stride = static_cast<std::ptrdiff_t>(3) * dhw;
+    out.bias = w.qkv_bias.empty() ? nullptr : w.qkv_bias.data();
+    gemm_packed(w.qkv, matrix_source(xb, c, static_cast<int>(total)), out, pool);
+  }
+  for (int b = 0; b < n; ++b) {
+    const float* qT = qkv + static_cast<std::size_t>(b) * 3 * dhw;
+    const float* kT = qT + dhw;
+    const float* vT = kT + dhw;
+    float* ob = o + static_cast<std::size_t>(b) * dhw;
+    for (int h = 0; h < heads; ++h) {
+      const std::size_t off = static_cast<std::size_t>(h) * hd * hw;
+      gemm_general(hw, hw, hd, kT + off, 1, hw, qT + off, hw, sT, hw, false, *w.spec, pool);
+      softmax_columns(sT, hw, scale, col_max, col_sum, w.spec->isa, pool);
+      gemm_general(hd, hw, hw, vT + off, hw, 1, sT, hw, ob + off, hw, false, *w.spec, pool);
+    }
+  }
+  const MatrixB ob{o, hw, hw, static_cast<std::ptrdiff_t>(dhw)};
+  COut out;
+  out.c = y;
+  out.ldc = hw;
+  out.seg = hw;
+  out.seg_stride = static_cast<std::ptrdiff_t>(c) * hw;
+  out.bias = w.bo;
+  out.residual = residual;
+  out.divisor = rescale;
+  gemm_packed(w.out, matrix_source(ob, d, static_cast<int>(total)), out, pool);
 }
 
 void attention(const float* x_normed, const float* residual, int n, int c, int hw, int d, int heads, float scale,
                const AttentionWeights& w, float rescale, float* y, float* scratch, ThreadPool* pool) {
   check(n, c, hw, d, heads);
-  if (!scratch) throw Error(ErrorCode::InvalidArgument, "cpu attention: scratch is required");
-  const int hd = d / heads;
-  const AttentionScratch s = carve(scratch, c, hw, d);
-  const std::size_t sample = static_cast<std::size_t>(c) * hw;
-  const std::size_t hd_hw = static_cast<std::size_t>(hd) * hw;
-
-  for (int b = 0; b < n; ++b) {
-    const float* x = x_normed + sample * static_cast<std::size_t>(b);
-    gemm(d, hw, c, w.wq, c, x, hw, s.qT, hw, false, pool);
-    add_row_bias(s.qT, d, hw, w.bq, pool);
-    gemm(d, hw, c, w.wk, c, x, hw, s.kT, hw, false, pool);
-    add_row_bias(s.kT, d, hw, w.bk, pool);
-    gemm(d, hw, c, w.wv, c, x, hw, s.vT, hw, false, pool);
-    add_row_bias(s.vT, d, hw, w.bv, pool);
-    transpose(s.kT, d, hw, s.k, pool);
-
-    for (int h = 0; h < heads; ++h) {
-      gemm(hw, hw, hd, s.k + static_cast<std::ptrdiff_t>(h) * hd, d, s.qT + hd_hw * h, hw, s.sT, hw, false, pool);
-      softmax_columns(s.sT, hw, scale, s.col_max, s.col_sum, pool);
-      gemm(hd, hw, hw, s.vT + hd_hw * h, hw, s.sT, hw, s.oT + hd_hw * h, hw, false, pool);
-    }
-
-    gemm(c, hw, d, w.wo, d, s.oT, hw, s.out, hw, false, pool);
-    const float* res = residual ? residual + sample * static_cast<std::size_t>(b) : nullptr;
-    float* yb = y + sample * static_cast<std::size_t>(b);
-    parallel_for(pool, c, [&](std::int64_t begin, std::int64_t end) {
-      for (std::int64_t ch = begin; ch < end; ++ch) {
-        const float bo = w.bo ? w.bo[ch] : 0.0f;
-        const float* o = s.out + ch * hw;
-        const float* r = res ? res + ch * hw : nullptr;
-        float* dst = yb + ch * hw;
-        for (int i = 0; i < hw; ++i) {
-          float v = w.bo ? o[i] + bo : o[i];
-          if (r) v = v + r[i];
-          dst[i] = v / rescale;
-        }
-      }
-    });
-  }
+  thread_local PackedAttention packed;
+  pack_attention(w, c, d, selected_fp32_kernel(), packed, pool);
+  attention_packed(x_normed, residual, n, c, hw, d, heads, scale, packed, rescale, y, scratch, pool);
 }
 
 }  // namespace ddim::cpu

@@ -1,9 +1,11 @@
 #include "cpu/cpu_backend.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
+#include "cpu/isa.hpp"
 #include "cpu/ops.hpp"
 #include "ddim/error.hpp"
 #include "cpu/thread_pool.hpp"
@@ -19,27 +21,63 @@ using graph::Kind;
 using graph::Node;
 using graph::Op;
 
+namespace {
+
+Conv2dShape conv_shape(const graph::Graph& g, const Node& n, int batch) {
+  const auto& x = g.values[n.inputs[0]];
+  return Conv2dShape{batch, x.c, x.h, x.w, n.out_channels, n.kernel_h, n.kernel_w, n.stride_h, n.stride_w,
+                     n.pad_t, n.pad_b, n.pad_l, n.pad_r};
+}
+
+AttentionWeights attention_weights(const NodeWeights& w) {
+  using namespace plan;
+  return AttentionWeights{w[kQWeight], w[kQBias], w[kKWeight], w[kKBias], w[kVWeight], w[kVBias], w[kOutWeight], w[kOutBias]};
+}
+
+int attention_dim(const graph::Graph& g, const Node& n) { return n.inner_dim ? n.inner_dim : g.values[n.inputs[0]].c; }
+
+float attention_scale(const graph::Graph& g, const Node& n) {
+  return n.attn_scale ? float(*n.attn_scale) : float(1.0 / std::sqrt(double(attention_dim(g, n) / n.heads)));
+}
+
+}  // namespace
+
 CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& options)
     : model_(ctx.model), m_(ctx.model->impl()), g_(ctx.model->impl().graph), batch_(options.batch) {
+  // The instruction set (DDIM_CPU_ISA may narrow it) and the GEMM kernel: fixed for the session,
+  // since the weights are packed for it.
+  isa_ = active_isa();
+  const bool bf16 = options.precision == Precision::BF16;
+  if (options.precision == Precision::FP16)
+    throw Error(ErrorCode::Unsupported, "the CPU backend computes in fp32 or bf16; precision fp16 needs the CUDA backend");
+  spec_ = &kernel_spec(isa_, bf16 ? GemmPrecision::Bf16 : GemmPrecision::Fp32);  // bf16: throws naming what is missing
+
   graph::infer_shapes(g_, ctx.height, ctx.width);
   fold_ = graph::fold_time_only(g_);
-  mem_ = graph::plan_memory(g_, fold_, batch_, sizeof(float));
+  graph::FusedGraph fused = graph::fuse_conv_adds(g_);
+  step_ = std::move(fused.graph);
+  step_node_of_ = std::move(fused.node_of);
+  fusion_ = std::move(fused.fusion);
+  step_fold_ = graph::fold_time_only(step_);
+  if (step_fold_.tables != fold_.tables)
+    throw Error(ErrorCode::Internal, "cpu: the fused step graph reads other time tables than the model's graph");
+  mem_ = graph::plan_memory(step_, step_fold_, batch_, sizeof(float));
   pool_ = std::make_unique<ThreadPool>(options.threads);
-  std::size_t scratch = 0;
-  for (int i : fold_.step_nodes) {
-    const Node& n = g_.nodes[i];
-    const auto& x = g_.values[n.inputs[0]];
+  std::size_t scratch = 0, packed_bytes = 0;
+  for (int i : step_fold_.step_nodes) {
+    const Node& n = step_.nodes[i];
+    const auto& x = step_.values[n.inputs[0]];
     if (n.op == Op::Conv2d) {
-      Conv2dShape s{batch_, x.c, x.h, x.w, n.out_channels, n.kernel_h, n.kernel_w, n.stride_h, n.stride_w,
-                    n.pad_t, n.pad_b, n.pad_l, n.pad_r};
-      scratch = std::max(scratch, conv2d_scratch_floats(s, pool_.get()));
+      packed_bytes += std::size_t(n.out_channels + 8) * std::size_t(x.c) * n.kernel_h * n.kernel_w * spec_->elem_bytes();
     } else if (n.op == Op::Attention) {
-      const int d = n.inner_dim ? n.inner_dim : x.c;
+      const int d = attention_dim(step_, n);
       scratch = std::max(scratch, attention_scratch_floats(batch_, x.c, x.h * x.w, d, pool_.get()));
+      packed_bytes += std::size_t(4 * d + 8) * std::size_t(x.c) * spec_->elem_bytes();
     }
   }
   check_fits_host_memory(std::uint64_t(mem_.arena_bytes) + std::uint64_t(scratch) * sizeof(float),
                          "cpu: the activation arena for batch " + std::to_string(batch_));
+  check_fits_host_memory(packed_bytes, std::string("cpu: the weights packed for the ") + spec_->name + " kernel");
   try {
     arena_.assign(mem_.arena_bytes / sizeof(float), 0.f);
     scratch_.assign(scratch, 0.f);
@@ -48,15 +86,32 @@ CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& optio
                                             "-byte activation arena for batch " + std::to_string(batch_));
   }
   node_weights_ = plan::resolve_node_weights(g_, m_);  // once here, not by name on every step
+  // Every convolution's and attention's weights, packed once for spec_.
+  packed_.resize(step_.nodes.size());
+  for (int i : step_fold_.step_nodes) {
+    const Node& n = step_.nodes[i];
+    const NodeWeights& w = node_weights_[std::size_t(step_node_of_[std::size_t(i)])];
+    if (n.op == Op::Conv2d) {
+      pack_conv_weights(conv_shape(step_, n, batch_), w[plan::kWeight], *spec_, packed_[std::size_t(i)].conv, pool_.get());
+    } else if (n.op == Op::Attention) {
+      pack_attention(attention_weights(w), step_.values[n.inputs[0]].c, attention_dim(step_, n), *spec_,
+                     packed_[std::size_t(i)].attention, pool_.get());
+    }
+  }
   tables_.resize(g_.values.size());
-  info_.backend = "cpu (" + std::to_string(pool_->size()) + " threads)";
-  info_.precision = "fp32";
+  info_.backend = "cpu (" + std::to_string(pool_->size()) + " threads, " + to_string(isa_) + ")";
+  info_.precision = bf16 ? "bf16" : "fp32";
   info_.batch = batch_;
   info_.height = ctx.height;
   info_.width = ctx.width;
   for (int i : fold_.time_nodes) info_.folded_nodes.push_back(g_.nodes[i].name);
-  for (int i : fold_.step_nodes)
-    if (g_.nodes[i].op == Op::GroupNorm && g_.nodes[i].silu) info_.fusions.push_back(g_.nodes[i].name + ": group_norm + silu");
+  for (int i : step_fold_.step_nodes) {
+    const Node& n = step_.nodes[i];
+    if (n.op == Op::GroupNorm && n.silu) info_.fusions.push_back(n.name + ": group_norm + silu");
+    const graph::ConvFusion& f = fusion_[std::size_t(i)];
+    if (f.temb >= 0) info_.fusions.push_back(g_.nodes[std::size_t(step_node_of_[std::size_t(i)])].name + ": conv2d + time-embedding add");
+    if (f.residual >= 0) info_.fusions.push_back(g_.nodes[std::size_t(step_node_of_[std::size_t(i)])].name + ": conv2d + residual add");
+  }
   info_.arena_bytes = mem_.arena_bytes;
   info_.unplanned_bytes = mem_.unplanned_bytes;
   info_.weight_bytes = m_.weights.size() * sizeof(float);
@@ -65,56 +120,84 @@ CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& optio
 
 CpuExecutor::~CpuExecutor() = default;
 
+int CpuExecutor::threads() const { return pool_->size(); }
+
 std::size_t CpuExecutor::sample_elems() const { return std::size_t(g_.values[g_.sample].elements()); }
 std::size_t CpuExecutor::out_elems() const { return std::size_t(g_.values[g_.output].elements()); }
 
 void run_node(const graph::Graph& g, const Node& n, const NodeWeights& weights, int batch, const std::vector<const float*>& in,
-              float* y, float* scratch, ThreadPool* pool) {
+              float* y, float* scratch, ThreadPool* pool, const KernelSpec* spec) {
   const auto& x = g.values[n.inputs[0]];
   using namespace plan;
   auto w = [&](Role r) { return weights[r]; };
   const std::size_t count = std::size_t(batch) * std::size_t(x.elements());
-  if ((n.op == Op::Conv2d || n.op == Op::Attention) && !scratch)
-    throw Error(ErrorCode::Internal, "run_node: " + n.name + " needs scratch memory");
+  if (n.op == Op::Attention && !scratch) throw Error(ErrorCode::Internal, "run_node: " + n.name + " needs scratch memory");
+  auto kernel = [&]() -> const KernelSpec& { return spec ? *spec : selected_fp32_kernel(); };
   switch (n.op) {
     case Op::TimestepEmbedding:
       timestep_embedding(in[0], batch, n.dim, n.flip_sin_to_cos, float(n.freq_shift), float(n.max_period), float(n.scale), y);
       break;
     case Op::Linear: linear(in[0], batch, x.c, w(kWeight), w(kBias), n.out_features, y, pool); break;
     case Op::Conv2d: {
-      Conv2dShape s{batch, x.c, x.h, x.w, n.out_channels, n.kernel_h, n.kernel_w, n.stride_h, n.stride_w,
-                    n.pad_t, n.pad_b, n.pad_l, n.pad_r};
-      conv2d(s, in[0], w(kWeight), w(kBias), y, scratch, pool);
+      const Conv2dShape s = conv_shape(g, n, batch);
+      thread_local PackedA packed;
+      pack_conv_weights(s, w(kWeight), kernel(), packed, pool);
+      ConvEpilogue e;
+      e.bias = w(kBias);
+      conv2d_packed(s, in[0], packed, e, y, pool);
       break;
     }
     case Op::GroupNorm:
       group_norm(in[0], batch, x.c, x.h * x.w, n.groups, float(n.eps), w(kWeight), w(kBias), n.silu, y, pool);
       break;
-    case Op::Silu: silu(in[0], count, y); break;
-    case Op::Scale: scale_shift(in[0], count, float(n.scale), float(n.shift), y); break;
+    case Op::Silu: silu(in[0], count, y, pool); break;
+    case Op::Scale: scale_shift(in[0], count, float(n.scale), float(n.shift), y, pool); break;
     case Op::Add: {
       const auto& b = g.values[n.inputs[1]];
-      if (x.kind == b.kind) add(in[0], in[1], count, float(n.divisor), y);
-      else add_broadcast(in[0], in[1], batch, x.c, x.h * x.w, float(n.divisor), y);
+      if (x.kind == b.kind) add(in[0], in[1], count, float(n.divisor), y, pool);
+      else add_broadcast(in[0], in[1], batch, x.c, x.h * x.w, float(n.divisor), y, pool);
       break;
     }
     case Op::Concat: {
       std::vector<int> cs;
       for (int v : n.inputs) cs.push_back(g.values[v].c);
-      concat_channels(in.data(), cs.data(), int(cs.size()), batch, x.h * x.w, y);
+      concat_channels(in.data(), cs.data(), int(cs.size()), batch, x.h * x.w, y, pool);
       break;
     }
-    case Op::UpsampleNearest2x: upsample_nearest2x(in[0], batch, x.c, x.h, x.w, y); break;
-    case Op::AvgPool2x: avg_pool2x(in[0], batch, x.c, x.h, x.w, y); break;
+    case Op::UpsampleNearest2x: upsample_nearest2x(in[0], batch, x.c, x.h, x.w, y, pool); break;
+    case Op::AvgPool2x: avg_pool2x(in[0], batch, x.c, x.h, x.w, y, pool); break;
     case Op::Attention: {
-      const int d = n.inner_dim ? n.inner_dim : x.c;
-      const float scale = n.attn_scale ? float(*n.attn_scale) : float(1.0 / std::sqrt(double(d / n.heads)));
-      AttentionWeights aw{w(kQWeight), w(kQBias), w(kKWeight), w(kKBias),
-                          w(kVWeight), w(kVBias), w(kOutWeight), w(kOutBias)};
-      attention(in[0], n.inputs.size() > 1 ? in[1] : nullptr, batch, x.c, x.h * x.w, d, n.heads, scale, aw, float(n.divisor), y,
-                scratch, pool);
+      const int d = attention_dim(g, n);
+      thread_local PackedAttention packed;
+      pack_attention(attention_weights(weights), x.c, d, kernel(), packed, pool);
+      attention_packed(in[0], n.inputs.size() > 1 ? in[1] : nullptr, batch, x.c, x.h * x.w, d, n.heads,
+                       attention_scale(g, n), packed, float(n.divisor), y, scratch, pool);
       break;
     }
+  }
+}
+
+// Node i of step_: convolutions and attention with their packed weights (a convolution with its
+// fused adds in the epilogue), everything else as run_node.
+void CpuExecutor::run_step_node(int i, const std::vector<const float*>& in, float* out) {
+  const Node& n = step_.nodes[std::size_t(i)];
+  const NodeWeights& w = node_weights_[std::size_t(step_node_of_[std::size_t(i)])];
+  if (n.op == Op::Conv2d) {
+    const graph::ConvFusion& f = fusion_[std::size_t(i)];
+    ConvEpilogue e;
+    e.bias = w[plan::kBias];
+    // Values are addressed by index: the fused conv's extra input is the time table row or the residual.
+    auto at = [&](int v) { return arena_.data() + mem_.offset[std::size_t(v)] / sizeof(float); };
+    if (f.temb >= 0) e.temb = at(f.temb);
+    if (f.residual >= 0) e.residual = at(f.residual);
+    conv2d_packed(conv_shape(step_, n, batch_), in[0], packed_[std::size_t(i)].conv, e, out, pool_.get());
+  } else if (n.op == Op::Attention) {
+    const auto& x = step_.values[n.inputs[0]];
+    attention_packed(in[0], n.inputs.size() > 1 ? in[1] : nullptr, batch_, x.c, x.h * x.w, attention_dim(step_, n), n.heads,
+                     attention_scale(step_, n), packed_[std::size_t(i)].attention, float(n.divisor), out, scratch_.data(),
+                     pool_.get());
+  } else {
+    run_node(step_, n, w, batch_, in, out, scratch_.data(), pool_.get(), spec_);
   }
 }
 
@@ -133,11 +216,17 @@ void CpuExecutor::run_step(const float* x, std::span<const int> rows, float* out
     for (int b = 0; b < batch_; ++b) std::memcpy(at(v) + b * c, tables_[v].data() + std::size_t(rows[b]) * c, c * sizeof(float));
   }
   std::vector<const float*> in;
-  for (int i : fold_.step_nodes) {
-    const Node& n = g_.nodes[i];
+  for (int i : step_fold_.step_nodes) {
+    const Node& n = step_.nodes[i];
     in.clear();
     for (int v : n.inputs) in.push_back(at(v));
-    run(n, batch_, in, at(n.output));
+    if (!node_timer_) {
+      run_step_node(i, in, at(n.output));
+      continue;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    run_step_node(i, in, at(n.output));
+    node_timer_(n, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   std::memcpy(out, at(g_.output), sizeof(float) * batch_ * out_elems());
 }

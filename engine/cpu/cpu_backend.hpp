@@ -1,6 +1,8 @@
 #pragma once
-// The CPU reference backend: fp32, NCHW, the IR executed node by node over one liveness-planned
-// arena, time-only nodes folded into per-timestep tables.
+// The CPU reference backend: fp32 (or bf16 GEMM operands with fp32 accumulation), NCHW, the IR
+// executed node by node over one liveness-planned arena, time-only nodes folded into per-timestep
+// tables, each convolution fused with the bias, time-embedding and residual adds that follow it
+// (graph::fuse_conv_adds) and its weights packed once for the session's GEMM kernel.
 #include <array>
 #include <functional>
 #include <memory>
@@ -9,6 +11,7 @@
 #include <vector>
 
 #include "backend.hpp"
+#include "cpu/ops.hpp"
 #include "graph/passes.hpp"
 #include "model_impl.hpp"
 #include "plan/host_plan.hpp"
@@ -20,10 +23,13 @@ class ThreadPool;
 using plan::NodeWeights;
 
 // Runs one node of g on the CPU for `batch` samples: in = the node's input buffers, y its output
-// (layouts of engine/cpu/ops.hpp). scratch: conv2d_scratch_floats / attention_scratch_floats
-// floats (convolution and attention only; may be null for other ops).
+// (layouts of engine/cpu/ops.hpp), with no fusion (a convolution reads in[0] only and adds its
+// bias). scratch: attention_scratch_floats floats (attention only; may be null for other ops).
+// Convolutions and attention pack their weights per call for `spec` (null: the process-wide fp32
+// kernel of gemm_select_kernel).
 void run_node(const graph::Graph& g, const graph::Node& n, const NodeWeights& weights, int batch,
-              const std::vector<const float*>& in, float* y, float* scratch, ThreadPool* pool);
+              const std::vector<const float*>& in, float* y, float* scratch, ThreadPool* pool,
+              const KernelSpec* spec = nullptr);
 
 class CpuExecutor final : public Executor {
  public:
@@ -47,9 +53,17 @@ class CpuExecutor final : public Executor {
   // holds NaN or Inf for this input (unfolded forward, one buffer per node), or "" if none does.
   std::string locate_nonfinite(std::span<const float> x, std::span<const int> t);
 
+  // Benchmarks (tests/bench/bench_cpu_profile): called after every per-step node of a forward or
+  // a sampling step with the node and its wall time. Empty: nothing is timed.
+  using NodeTimer = std::function<void(const graph::Node&, double seconds)>;
+  void set_node_timer(NodeTimer timer) { node_timer_ = std::move(timer); }
+
+  int threads() const;  // the pool's threads, the caller included
+  Isa isa() const { return isa_; }
   const graph::Graph& graph() const { return g_; }
   const graph::TimeFolding& folding() const { return fold_; }
-  const graph::MemoryPlan& memory_plan() const { return mem_; }
+  const graph::Graph& step_graph() const { return step_; }  // what run_step runs (and the node timer sees)
+  const graph::MemoryPlan& memory_plan() const { return mem_; }  // of step_graph()
 
  private:
   void build_tables(std::span<const int> timesteps);  // one row per entry
@@ -58,15 +72,30 @@ class CpuExecutor final : public Executor {
   std::size_t out_elems() const;
 
   void run(const graph::Node& n, int batch, const std::vector<const float*>& in, float* out) {
-    run_node(g_, n, node_weights_[std::size_t(&n - g_.nodes.data())], batch, in, out, scratch_.data(), pool_.get());
+    run_node(g_, n, node_weights_[std::size_t(&n - g_.nodes.data())], batch, in, out, scratch_.data(), pool_.get(),
+             spec_);
   }
+  void run_step_node(int i, const std::vector<const float*>& in, float* out);
+
+  // A step node's weights packed for spec_ (convolutions and attention; empty otherwise).
+  struct Packed {
+    PackedA conv;
+    PackedAttention attention;
+  };
 
   std::shared_ptr<const Model> model_;
-  std::vector<NodeWeights> node_weights_;  // per node; null where absent
+  std::vector<NodeWeights> node_weights_;  // per node of g_; null where absent
   const Model::Impl& m_;
-  graph::Graph g_;
+  graph::Graph g_;                         // the model's graph: forward_unfolded and the time tables
   graph::TimeFolding fold_;
-  graph::MemoryPlan mem_;
+  graph::Graph step_;                      // g_ with conv + add fused: the per-step program
+  graph::TimeFolding step_fold_;
+  std::vector<int> step_node_of_;          // per node of step_: its node in g_
+  std::vector<graph::ConvFusion> fusion_;  // per node of step_
+  std::vector<Packed> packed_;             // per node of step_
+  graph::MemoryPlan mem_;                  // of step_
+  Isa isa_ = Isa::Portable;
+  const KernelSpec* spec_ = nullptr;       // the GEMM kernel of every convolution and attention
   int batch_ = 1;
   std::vector<float> arena_;
   std::vector<float> scratch_;
@@ -74,6 +103,7 @@ class CpuExecutor final : public Executor {
   std::vector<std::vector<float>> tables_;  // per value: rows x C (table values only)
   std::vector<int> table_timesteps_;
   PlanInfo info_;
+  NodeTimer node_timer_;
 };
 
 }  // namespace ddim::cpu

@@ -1,26 +1,23 @@
-// C[M,N] (+)= A[M,K] * B[K,N], fp32, row-major with leading dimensions.
+// The CPU GEMM core (engine/cpu/gemm_core.hpp): micro-kernels, A packing, the tiled driver, and
+// the plain C = A . B of ops.hpp on top of them.
 //
-// Algorithm (the BLIS/GotoBLAS structure): A is packed into panels of MR rows and B into panels
-// of NR columns, each panel k-major over the whole of K (zero padded past M / N). The output is
-// cut into tiles of at most MC x NC that the pool computes in parallel; inside a tile the loops
-// run over K blocks of KC (B micro-panel kept in L1, the A block in L2) and call a
-// register-blocked MR x NR micro-kernel.
-//
-// Determinism: every output element is one chain c = fma(a_k, b_k, c) (or c = c + a_k*b_k in the
-// portable kernel) over k = 0..K-1 in order, starting from 0 (or from C when accumulating); the
-// chain is stored and reloaded between K blocks, which is exact. So an element's value does not
-// depend on M, N, the tiling, the thread count or whether its tile is full or on an edge. The
-// kernel is picked once per process from the CPU's features, never from the problem size; the
-// AVX2 and AVX-512 kernels compute the same chain and so agree bitwise.
+// Structure (BLIS/GotoBLAS): A (weights) is packed once into panels of MR rows, k-major; B is
+// packed per task and K block into panels of NR columns (kept in L2, one panel in L1 at a time);
+// the output is cut into tasks of whole B panels (and, when there are too few to keep every
+// thread busy, ranges of A panels) that the pool runs in parallel. Inside a task: for each K block
+// of kKc, pack the task's B panels, then for each block of kMcPanels A panels, for each B panel,
+// for each A panel, one register-blocked micro-kernel call. Edge tiles (rows past M, columns past
+// N or across a segment boundary) go through a local tile so their arithmetic is the interior's.
 #include <algorithm>
 #include <atomic>
-#include <cstddef>
 #include <cstring>
 #include <new>
 #include <string>
 
+#include "cpu/gemm_core.hpp"
 #include "cpu/ops.hpp"
 #include "cpu/thread_pool.hpp"
+#include "cpu/vec_math.hpp"
 #include "ddim/error.hpp"
 
 #if defined(__x86_64__)
@@ -31,23 +28,11 @@ namespace ddim::cpu {
 
 namespace {
 
-// The micro-kernel: c[MR x NR] (ldc) = (load_c ? c : 0) + a_panel * b_panel over kc steps.
-// a: kc x MR (k-major), b: kc x NR (k-major).
-using MicroKernel = void (*)(int kc, const float* a, const float* b, float* c, int ldc, bool load_c);
-
-struct KernelInfo {
-  GemmKernel id;
-  const char* name;
-  int mr, nr;
-  MicroKernel fn;
-};
-
 constexpr int kMaxMr = 8, kMaxNr = 32;
 
 // ---------------------------------------------------------------- portable kernel: 6 x 8
 // GCC/Clang vector extensions (SSE on baseline x86-64, NEON on ARM); multiply then add, never
 // contracted (-ffp-contract=off).
-constexpr int kGenericMr = 6, kGenericNr = 8;
 typedef float v4f __attribute__((vector_size(16)));
 
 inline v4f load4(const float* p) {
@@ -57,235 +42,539 @@ inline v4f load4(const float* p) {
 }
 inline void store4(float* p, v4f v) { std::memcpy(p, &v, sizeof v); }
 
-void kernel_generic(int kc, const float* a, const float* b, float* c, int ldc, bool load_c) {
-  v4f acc[kGenericMr][2];
+void kernel_portable(int kc, const void* ap, const void* bp, float* c, long ldc, bool load_c) {
+  constexpr int mr = 6, nr = 8;
+  const float* a = static_cast<const float*>(ap);
+  const float* b = static_cast<const float*>(bp);
+  v4f acc[mr][2];
 #pragma GCC unroll 6
-  for (int r = 0; r < kGenericMr; ++r) {
-    const float* cr = c + static_cast<std::ptrdiff_t>(r) * ldc;
+  for (int r = 0; r < mr; ++r) {
+    const float* cr = c + r * ldc;
     acc[r][0] = load_c ? load4(cr) : v4f{0, 0, 0, 0};
     acc[r][1] = load_c ? load4(cr + 4) : v4f{0, 0, 0, 0};
   }
   for (int k = 0; k < kc; ++k) {
     const v4f b0 = load4(b), b1 = load4(b + 4);
 #pragma GCC unroll 6
-    for (int r = 0; r < kGenericMr; ++r) {
+    for (int r = 0; r < mr; ++r) {
       const v4f ar = {a[r], a[r], a[r], a[r]};
       acc[r][0] = acc[r][0] + ar * b0;
       acc[r][1] = acc[r][1] + ar * b1;
     }
-    a += kGenericMr;
-    b += kGenericNr;
+    a += mr;
+    b += nr;
   }
 #pragma GCC unroll 6
-  for (int r = 0; r < kGenericMr; ++r) {
-    float* cr = c + static_cast<std::ptrdiff_t>(r) * ldc;
-    store4(cr, acc[r][0]);
-    store4(cr + 4, acc[r][1]);
+  for (int r = 0; r < mr; ++r) {
+    store4(c + r * ldc, acc[r][0]);
+    store4(c + r * ldc + 4, acc[r][1]);
   }
 }
 
 #if defined(__x86_64__)
-// ---------------------------------------------------------------- AVX2 + FMA kernel: 6 x 16
-constexpr int kAvx2Mr = 6, kAvx2Nr = 16;
-
-__attribute__((target("avx2,fma"))) void kernel_avx2(int kc, const float* a, const float* b, float* c, int ldc,
+// ---------------------------------------------------------------- AVX2 + FMA: 6 x 16 (narrow 6 x 8)
+template <int kVecs>  // 8-float vectors per row: 2 (full) or 1 (narrow); b's stride is 16 either way
+__attribute__((target("avx2,fma"))) void kernel_avx2(int kc, const void* ap, const void* bp, float* c, long ldc,
                                                      bool load_c) {
-  __m256 acc[kAvx2Mr][2];
+  constexpr int mr = 6, nr = 16;
+  const float* a = static_cast<const float*>(ap);
+  const float* b = static_cast<const float*>(bp);
+  __m256 acc[mr][kVecs];
 #pragma GCC unroll 6
-  for (int r = 0; r < kAvx2Mr; ++r) {
-    float* cr = c + static_cast<std::ptrdiff_t>(r) * ldc;
-    acc[r][0] = load_c ? _mm256_loadu_ps(cr) : _mm256_setzero_ps();
-    acc[r][1] = load_c ? _mm256_loadu_ps(cr + 8) : _mm256_setzero_ps();
-  }
+  for (int r = 0; r < mr; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = load_c ? _mm256_loadu_ps(c + r * ldc + 8 * v) : _mm256_setzero_ps();
   for (int k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b);
-    const __m256 b1 = _mm256_loadu_ps(b + 8);
+    __m256 bv[kVecs];
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) bv[v] = _mm256_loadu_ps(b + 8 * v);
 #pragma GCC unroll 6
-    for (int r = 0; r < kAvx2Mr; ++r) {
+    for (int r = 0; r < mr; ++r) {
       const __m256 ar = _mm256_broadcast_ss(a + r);
-      acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+#pragma GCC unroll 2
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm256_fmadd_ps(ar, bv[v], acc[r][v]);
     }
-    a += kAvx2Mr;
-    b += kAvx2Nr;
+    a += mr;
+    b += nr;
   }
 #pragma GCC unroll 6
-  for (int r = 0; r < kAvx2Mr; ++r) {
-    float* cr = c + static_cast<std::ptrdiff_t>(r) * ldc;
-    _mm256_storeu_ps(cr, acc[r][0]);
-    _mm256_storeu_ps(cr + 8, acc[r][1]);
-  }
+  for (int r = 0; r < mr; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) _mm256_storeu_ps(c + r * ldc + 8 * v, acc[r][v]);
 }
 
-// ---------------------------------------------------------------- AVX-512 kernel: 8 x 32
-constexpr int kAvx512Mr = 8, kAvx512Nr = 32;
-
-__attribute__((target("avx512f"))) void kernel_avx512(int kc, const float* a, const float* b, float* c, int ldc,
+// ---------------------------------------------------------------- AVX-512: 8 x 32 (narrow 8 x 16)
+template <int kVecs>  // 16-float vectors per row: 2 or 1; b's stride is 32
+__attribute__((target("avx512f"))) void kernel_avx512(int kc, const void* ap, const void* bp, float* c, long ldc,
                                                       bool load_c) {
-  __m512 acc[kAvx512Mr][2];
+  constexpr int mr = 8, nr = 32;
+  const float* a = static_cast<const float*>(ap);
+  const float* b = static_cast<const float*>(bp);
+  __m512 acc[mr][kVecs];
 #pragma GCC unroll 8
-  for (int r = 0; r < kAvx512Mr; ++r) {
-    float* cr = c + static_cast<std::ptrdiff_t>(r) * ldc;
-    acc[r][0] = load_c ? _mm512_loadu_ps(cr) : _mm512_setzero_ps();
-    acc[r][1] = load_c ? _mm512_loadu_ps(cr + 16) : _mm512_setzero_ps();
-  }
+  for (int r = 0; r < mr; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = load_c ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
   for (int k = 0; k < kc; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(b);
-    const __m512 b1 = _mm512_loadu_ps(b + 16);
+    __m512 bv[kVecs];
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
 #pragma GCC unroll 8
-    for (int r = 0; r < kAvx512Mr; ++r) {
+    for (int r = 0; r < mr; ++r) {
       const __m512 ar = _mm512_set1_ps(a[r]);
-      acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+#pragma GCC unroll 2
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_fmadd_ps(ar, bv[v], acc[r][v]);
     }
-    a += kAvx512Mr;
-    b += kAvx512Nr;
+    a += mr;
+    b += nr;
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kAvx512Mr; ++r) {
-    float* cr = c + static_cast<std::ptrdiff_t>(r) * ldc;
-    _mm512_storeu_ps(cr, acc[r][0]);
-    _mm512_storeu_ps(cr + 16, acc[r][1]);
-  }
+  for (int r = 0; r < mr; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
 }
 
-static_assert(kAvx2Mr <= kMaxMr && kAvx512Mr <= kMaxMr && kAvx2Nr <= kMaxNr && kAvx512Nr <= kMaxNr);
+// ---------------------------------------------------------------- AVX512-BF16: 8 x 32 (narrow 8 x 16)
+// a: per k pair, 8 rows x (bf16 k, bf16 k+1) as one 32-bit word each; b: per k pair, 32 columns x
+// (k, k+1): 64 bf16, two zmm. vdpbf16ps: c += a_k * b_k + a_k+1 * b_k+1 per fp32 lane.
+template <int kVecs>
+__attribute__((target("avx512f,avx512bf16"))) void kernel_avx512_bf16(int steps, const void* ap, const void* bp,
+                                                                      float* c, long ldc, bool load_c) {
+  constexpr int mr = 8, nr = 32;
+  const std::uint32_t* a = static_cast<const std::uint32_t*>(ap);
+  const std::uint16_t* b = static_cast<const std::uint16_t*>(bp);
+  __m512 acc[mr][kVecs];
+#pragma GCC unroll 8
+  for (int r = 0; r < mr; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = load_c ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int k = 0; k < steps; ++k) {
+    __m512bh bv[kVecs];
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + 32 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < mr; ++r) {
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r]));
+#pragma GCC unroll 2
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
+    }
+    a += mr;
+    b += 2 * nr;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < mr; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
 #endif  // __x86_64__
-static_assert(kGenericMr <= kMaxMr && kGenericNr <= kMaxNr);
 
-constexpr KernelInfo kKernels[] = {
-    {GemmKernel::Portable, "portable 6x8", kGenericMr, kGenericNr, kernel_generic},
+constexpr KernelSpec kPortable{"portable 6x8", Isa::Portable, GemmPrecision::Fp32, 6, 8, kernel_portable, 0, nullptr};
 #if defined(__x86_64__)
-    {GemmKernel::Avx2Fma, "avx2+fma 6x16", kAvx2Mr, kAvx2Nr, kernel_avx2},
-    {GemmKernel::Avx512, "avx512 8x32", kAvx512Mr, kAvx512Nr, kernel_avx512},
+constexpr KernelSpec kAvx2{"avx2+fma 6x16", Isa::Avx2, GemmPrecision::Fp32, 6, 16, kernel_avx2<2>, 8, kernel_avx2<1>};
+constexpr KernelSpec kAvx512{"avx512 8x32", Isa::Avx512, GemmPrecision::Fp32, 8, 32, kernel_avx512<2>, 16,
+                             kernel_avx512<1>};
+constexpr KernelSpec kAvx512Bf16{"avx512_bf16 8x32", Isa::Avx512Bf16, GemmPrecision::Bf16, 8, 32,
+                                 kernel_avx512_bf16<2>, 16, kernel_avx512_bf16<1>};
+static_assert(kAvx512.mr <= kMaxMr && kAvx512.nr <= kMaxNr && kAvx2.mr <= kMaxMr && kAvx512Bf16.nr <= kMaxNr);
 #endif
-};
 
-bool cpu_supports(GemmKernel k) {
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  switch (k) {
-    case GemmKernel::Portable:
-      return true;
-    case GemmKernel::Avx2Fma:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case GemmKernel::Avx512:
-      return __builtin_cpu_supports("avx512f");
-    case GemmKernel::Auto:
-      break;
-  }
-  return false;
-#else
-  return k == GemmKernel::Portable;
-#endif
+// ---------------------------------------------------------------- fp32 -> bf16
+// Round to nearest even; NaN stays a (quiet) NaN. vdpbf16ps treats bf16 denormals as zero, so
+// how a denormal rounds does not matter.
+inline std::uint16_t to_bf16(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>(u >> 16);
 }
 
-GemmKernel best_kernel() {
-  if (cpu_supports(GemmKernel::Avx512)) return GemmKernel::Avx512;
-  if (cpu_supports(GemmKernel::Avx2Fma)) return GemmKernel::Avx2Fma;
-  return GemmKernel::Portable;
+#if !defined(__x86_64__)
+// staging (kc x nr fp32) -> dst: per k pair, nr columns x (k, k+1) bf16; an odd last row pairs
+// with zero.
+void stage_to_bf16_pairs(const float* stage, int kc, int nr, std::uint16_t* dst) {
+  for (int k = 0; k < kc; k += 2) {
+    const float* r0 = stage + static_cast<std::ptrdiff_t>(k) * nr;
+    const float* r1 = k + 1 < kc ? r0 + nr : nullptr;
+    std::uint16_t* d = dst + static_cast<std::ptrdiff_t>(k) * nr;  // (k / 2) * 2 * nr
+    for (int j = 0; j < nr; ++j) {
+      d[2 * j] = to_bf16(r0[j]);
+      d[2 * j + 1] = r1 ? to_bf16(r1[j]) : std::uint16_t{0};
+    }
+  }
+}
+#endif
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void stage_to_bf16_pairs_avx512(const float* stage, int kc,
+                                                                                       int nr, std::uint16_t* dst) {
+  // cvtne2ps_pbh(hi, lo) = [bf16(lo[0..15]), bf16(hi[0..15])]; the permutation interleaves them.
+  alignas(64) static const std::uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                            8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  for (int k = 0; k < kc; k += 2) {
+    const float* r0 = stage + static_cast<std::ptrdiff_t>(k) * nr;
+    std::uint16_t* d = dst + static_cast<std::ptrdiff_t>(k) * nr;
+    int j = 0;
+    for (; j + 16 <= nr; j += 16) {
+      const __m512 lo = _mm512_loadu_ps(r0 + j);
+      const __m512 hi = k + 1 < kc ? _mm512_loadu_ps(r0 + nr + j) : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      _mm512_storeu_si512(d + 2 * j, _mm512_permutexvar_epi16(idx, both));
+    }
+    if (j < nr) {  // 8 more columns (nr = 8 for A panels): the same with lanes 8..15 unused
+      const __m512 lo = _mm512_maskz_loadu_ps(0xFF, r0 + j);
+      const __m512 hi = k + 1 < kc ? _mm512_maskz_loadu_ps(0xFF, r0 + nr + j) : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      _mm512_mask_storeu_epi32(d + 2 * j, 0xFF, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+}
+#endif
+
+// ---------------------------------------------------------------- blocking
+constexpr int kKc = 256;        // K block (even: bf16 pairs never straddle blocks)
+constexpr int kMcPanels = 16;   // A panels per inner block (MC = 16 * MR rows, in L2)
+constexpr int kNcPanels = 8;    // at most this many B panels per task (NC = 8 * NR columns)
+
+thread_local AlignedBuffer t_b_block;  // a task's packed B panels for one K block
+thread_local AlignedBuffer t_stage;    // bf16: the task's B panels in fp32 before conversion
+thread_local PackedA t_a;              // gemm(): A packed per call
+thread_local AlignedBuffer t_a_stage;  // pack_a, bf16: one A panel in fp32 before conversion
+
+Isa isa_of(GemmKernel k) {
+  switch (k) {
+    case GemmKernel::Avx2Fma: return Isa::Avx2;
+    case GemmKernel::Avx512: return Isa::Avx512;
+    default: return Isa::Portable;
+  }
 }
 
 std::atomic<GemmKernel> g_selected{GemmKernel::Auto};
 
-const KernelInfo& active_kernel() {
-  GemmKernel k = g_selected.load(std::memory_order_relaxed);
-  if (k == GemmKernel::Auto) {
-    k = best_kernel();
-    g_selected.store(k, std::memory_order_relaxed);
+// The segment pieces of columns [col0, col0 + cols): fn(segment, first column in segment, count, offset in tile).
+template <class Fn>
+inline void for_segments(const COut& o, int col0, int cols, Fn&& fn) {
+  int j = 0;
+  while (j < cols) {
+    const int col = col0 + j;
+    const int s = col / o.seg, in_seg = col - s * o.seg;
+    const int len = std::min(cols - j, o.seg - in_seg);
+    fn(s, in_seg, len, j);
+    j += len;
   }
-  for (const KernelInfo& info : kKernels)
-    if (info.id == k) return info;
-  return kKernels[0];
 }
 
-// ---------------------------------------------------------------- blocking
-constexpr int kKc = 256;                                      // K block: a B micro-panel of kKc x NR floats stays in L1
-constexpr int kMcPanels = 16;                                 // tile height in A panels (MC = 16 * MR)
-constexpr int kNcPanels = 8;                                  // tile width in B panels (NC = 8 * NR)
-constexpr std::size_t kMaxPackFloats = std::size_t{6} << 20;  // per packed operand chunk (24 MiB)
+inline float* c_at(const COut& o, int s, int row, int in_seg) {
+  return o.c + s * o.seg_stride + static_cast<std::ptrdiff_t>(row) * o.ldc + in_seg;
+}
 
-// A grow-only, 64-byte aligned buffer owned by the calling thread: no allocation in steady state.
-struct PackBuffer {
-  float* data = nullptr;
-  std::size_t capacity = 0;
-  PackBuffer() = default;
-  PackBuffer(const PackBuffer&) = delete;
-  PackBuffer& operator=(const PackBuffer&) = delete;
-  ~PackBuffer() { release(); }
-  void release() noexcept {
-    if (data) ::operator delete[](data, std::align_val_t{64});
-    data = nullptr;
-    capacity = 0;
-  }
-  float* get(std::size_t floats) {
-    if (floats > capacity) {
-      release();
-      try {
-        data = static_cast<float*>(::operator new[](floats * sizeof(float), std::align_val_t{64}));
-      } catch (const std::bad_alloc&) {
-        throw Error(ErrorCode::OutOfMemory,
-                    "cpu gemm: could not allocate a packing buffer of " + std::to_string(floats) + " floats");
+// The epilogue on rows [row0, row0 + rows) x columns [col0, col0 + cols) of C.
+void epilogue(const COut& o, int row0, int rows, int col0, int cols) {
+  const bool any = o.bias || o.vec || o.residual || o.divisor != 1.0f;
+  if (!any) return;
+  for_segments(o, col0, cols, [&](int s, int in_seg, int len, int) {
+    for (int r = 0; r < rows; ++r) {
+      const int i = row0 + r;
+      float* y = c_at(o, s, i, in_seg);
+      const float* res = o.residual ? o.residual + (y - o.c) : nullptr;
+      if (o.bias) {
+        const float b = o.bias[i];
+        for (int j = 0; j < len; ++j) y[j] = y[j] + b;
       }
-      capacity = floats;
+      if (o.vec) {
+        const float v = o.vec[s * o.vec_stride + i];
+        for (int j = 0; j < len; ++j) y[j] = y[j] + v;
+      }
+      if (res)
+        for (int j = 0; j < len; ++j) y[j] = y[j] + res[j];
+      if (o.divisor != 1.0f)
+        for (int j = 0; j < len; ++j) y[j] = y[j] / o.divisor;
     }
-    return data;
-  }
-};
-
-thread_local PackBuffer t_pack;
-
-// Panel p of A (rows p*mr .. p*mr+mr-1, zero past M): dst[k*mr + r] = A[row r, k].
-void pack_a_panel(const float* A, int lda, int rows, int K, int mr, float* dst) {
-  for (int k = 0; k < K; ++k) {
-    float* d = dst + static_cast<std::ptrdiff_t>(k) * mr;
-    for (int r = 0; r < rows; ++r) d[r] = A[static_cast<std::ptrdiff_t>(r) * lda + k];
-    for (int r = rows; r < mr; ++r) d[r] = 0.0f;
-  }
+  });
 }
 
-// Panel q of B (columns q*nr .. q*nr+nr-1, zero past N): dst[k*nr + j] = B[k, col j].
-void pack_b_panel(const float* B, int ldb, int cols, int K, int nr, float* dst) {
-  for (int k = 0; k < K; ++k) {
-    float* d = dst + static_cast<std::ptrdiff_t>(k) * nr;
-    std::memcpy(d, B + static_cast<std::ptrdiff_t>(k) * ldb, static_cast<std::size_t>(cols) * sizeof(float));
-    for (int j = cols; j < nr; ++j) d[j] = 0.0f;
-  }
-}
-
-// One MR x NR block of C over one K block; edge blocks go through a full-size local tile so the
-// kernel's arithmetic is the same as for an interior block.
-inline void micro_block(const KernelInfo& kern, int kc, const float* a, const float* b, float* c, int ldc, int rows,
-                        int cols, bool load_c) {
-  if (rows == kern.mr && cols == kern.nr) {
-    kern.fn(kc, a, b, c, ldc, load_c);
+// One micro-tile over one K block.
+inline void micro_tile(const KernelSpec& ks, const COut& o, int steps, const void* a, const void* b, int row0, int rows,
+                       int col0, int cols, bool load_c) {
+  const bool narrow = ks.narrow && cols <= ks.narrow_nr;
+  const int width = narrow ? ks.narrow_nr : ks.nr;
+  const MicroKernel fn = narrow ? ks.narrow : ks.full;
+  const int s0 = col0 / o.seg;
+  if (rows == ks.mr && cols == width && (col0 + cols - 1) / o.seg == s0) {
+    fn(steps, a, b, c_at(o, s0, row0, col0 - s0 * o.seg), o.ldc, load_c);
     return;
   }
   alignas(64) float tile[kMaxMr * kMaxNr];
   if (load_c) {
-    for (int r = 0; r < kern.mr; ++r)
-      for (int j = 0; j < kern.nr; ++j)
-        tile[r * kern.nr + j] = (r < rows && j < cols) ? c[static_cast<std::ptrdiff_t>(r) * ldc + j] : 0.0f;
+    std::fill_n(tile, ks.mr * width, 0.0f);
+    for_segments(o, col0, cols, [&](int s, int in_seg, int len, int t) {
+      for (int r = 0; r < rows; ++r) std::memcpy(tile + r * width + t, c_at(o, s, row0 + r, in_seg), len * sizeof(float));
+    });
   }
-  kern.fn(kc, a, b, tile, kern.nr, load_c);
-  for (int r = 0; r < rows; ++r)
-    for (int j = 0; j < cols; ++j) c[static_cast<std::ptrdiff_t>(r) * ldc + j] = tile[r * kern.nr + j];
+  fn(steps, a, b, tile, width, load_c);
+  for_segments(o, col0, cols, [&](int s, int in_seg, int len, int t) {
+    for (int r = 0; r < rows; ++r) std::memcpy(c_at(o, s, row0 + r, in_seg), tile + r * width + t, len * sizeof(float));
+  });
+}
+
+void check_cout(const COut& o, int m, int n) {
+  if (!o.c || o.seg <= 0 || o.ldc < 1 || (o.seg < n && o.seg_stride == 0) || (o.vec && o.vec_stride < 0) ||
+      (o.accumulate && (o.bias || o.vec || o.residual || o.divisor != 1.0f)) || o.divisor == 0.0f)
+    throw Error(ErrorCode::InvalidArgument, "cpu gemm: bad output description (M=" + std::to_string(m) +
+                                                " N=" + std::to_string(n) + ")");
 }
 
 }  // namespace
 
+// ---------------------------------------------------------------- AlignedBuffer
+AlignedBuffer& AlignedBuffer::operator=(AlignedBuffer&& o) noexcept {
+  if (this != &o) {
+    release();
+    data_ = o.data_;
+    bytes_ = o.bytes_;
+    o.data_ = nullptr;
+    o.bytes_ = 0;
+  }
+  return *this;
+}
+
+void AlignedBuffer::release() noexcept {
+  if (data_) ::operator delete[](data_, std::align_val_t{64});
+  data_ = nullptr;
+  bytes_ = 0;
+}
+
+void* AlignedBuffer::get(std::size_t bytes, const char* what) {
+  if (bytes > bytes_) {
+    release();
+    try {
+      data_ = ::operator new[](bytes, std::align_val_t{64});
+    } catch (const std::bad_alloc&) {
+      throw Error(ErrorCode::OutOfMemory,
+                  std::string("cpu: could not allocate ") + std::to_string(bytes) + " bytes for " + what);
+    }
+    bytes_ = bytes;
+  }
+  return data_;
+}
+
+// ---------------------------------------------------------------- kernels
+const KernelSpec& kernel_spec(Isa isa, GemmPrecision precision) {
+  if (precision == GemmPrecision::Bf16) {
+#if defined(__x86_64__)
+    bf16_isa(isa);  // throws, naming the missing feature
+    return kAvx512Bf16;
+#else
+    bf16_isa(isa);
+#endif
+  }
+#if defined(__x86_64__)
+  switch (isa) {
+    case Isa::Portable: return kPortable;
+    case Isa::Avx2: return kAvx2;
+    default: return kAvx512;
+  }
+#else
+  (void)isa;
+  return kPortable;
+#endif
+}
+
+const KernelSpec& selected_fp32_kernel() {
+  GemmKernel k = g_selected.load(std::memory_order_relaxed);
+  if (k == GemmKernel::Auto) return kernel_spec(active_isa(), GemmPrecision::Fp32);
+  return kernel_spec(isa_of(k), GemmPrecision::Fp32);
+}
+
 bool gemm_select_kernel(GemmKernel kernel) {
   if (kernel == GemmKernel::Auto) {
-    g_selected.store(best_kernel(), std::memory_order_relaxed);
+    g_selected.store(GemmKernel::Auto, std::memory_order_relaxed);
     return true;
   }
-  if (!cpu_supports(kernel)) return false;
+  // Never above the active level (DDIM_CPU_ISA narrows what the tests may force too).
+  if (static_cast<int>(isa_of(kernel)) > static_cast<int>(active_isa()) || !isa_supported(isa_of(kernel)))
+    return false;
   g_selected.store(kernel, std::memory_order_relaxed);
   return true;
 }
 
-const char* gemm_kernel_name() noexcept { return active_kernel().name; }
+const char* gemm_kernel_name() noexcept {
+  try {
+    return selected_fp32_kernel().name;
+  } catch (const Error&) {
+    return "none (DDIM_CPU_ISA is not usable here)";
+  }
+}
 
+// ---------------------------------------------------------------- packing
+void pack_a(const float* a, int m, int k, std::ptrdiff_t row_stride, std::ptrdiff_t col_stride, const KernelSpec& ks,
+            PackedA& out, ThreadPool* pool) {
+  const int mr = ks.mr, kg = ks.k_group();
+  const int k_padded = (k + kg - 1) / kg * kg;
+  out.spec = &ks;
+  out.m = m;
+  out.k = k;
+  out.panels = (m + mr - 1) / mr;
+  out.panel_elems = static_cast<std::size_t>(k_padded) * mr;
+  void* base = out.storage.get(std::max<std::size_t>(1, out.panel_elems * out.panels) * ks.elem_bytes(), "packed weights");
+  parallel_for(pool, out.panels, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t p = begin; p < end; ++p) {
+      const int row0 = static_cast<int>(p) * mr, rows = std::min(mr, m - row0);
+      const float* src = a + row0 * row_stride;
+      if (ks.precision == GemmPrecision::Fp32) {
+        float* d = static_cast<float*>(base) + out.panel_elems * p;
+        for (int kk = 0; kk < k; ++kk, d += mr) {
+          for (int r = 0; r < rows; ++r) d[r] = src[r * row_stride + kk * col_stride];
+          for (int r = rows; r < mr; ++r) d[r] = 0.0f;
+        }
+      } else {  // the panel in fp32 (k x mr, zero rows past M), then converted to bf16 pairs
+        std::uint16_t* d = static_cast<std::uint16_t*>(base) + out.panel_elems * p;
+        float* stage = static_cast<float*>(t_a_stage.get(std::size_t(k_padded) * mr * sizeof(float), "packing weights"));
+        for (int kk = 0; kk < k; ++kk) {
+          float* row = stage + static_cast<std::ptrdiff_t>(kk) * mr;
+          for (int r = 0; r < rows; ++r) row[r] = src[r * row_stride + kk * col_stride];
+          for (int r = rows; r < mr; ++r) row[r] = 0.0f;
+        }
+#if defined(__x86_64__)
+        stage_to_bf16_pairs_avx512(stage, k, mr, d);
+#else
+        stage_to_bf16_pairs(stage, k, mr, d);
+#endif
+      }
+    }
+  });
+}
+
+void split_runs(int j0, int len, const float* base, int base_step, int a, int b, int b_step, int nr,
+                std::size_t panel_stride, std::vector<PackRun>& out) {
+  while (len > 0) {
+    const int piece = std::min(len, nr - j0 % nr);
+    out.push_back(PackRun{static_cast<std::size_t>(j0 / nr) * panel_stride + static_cast<std::size_t>(j0 % nr), piece,
+                          base, a, b});
+    j0 += piece;
+    len -= piece;
+    base += static_cast<std::ptrdiff_t>(piece) * base_step;
+    b += piece * b_step;
+  }
+}
+
+namespace {
+
+thread_local std::vector<PackRun> t_runs;
+
+// Zero the columns of the last panel past `cols`.
+void zero_tail(int kc, int cols, float* dst, int nr, std::size_t panel_stride) {
+  if (cols % nr == 0) return;
+  float* last = dst + static_cast<std::size_t>(cols / nr) * panel_stride;
+  for (int k = 0; k < kc; ++k)
+    for (int j = cols % nr; j < nr; ++j) last[static_cast<std::ptrdiff_t>(k) * nr + j] = 0.0f;
+}
+
+void pack_matrix_block(const void* ctx, int k0, int kc, int col0, int cols, float* dst, int nr, std::size_t panel_stride,
+                       Isa isa) {
+  const MatrixB& m = *static_cast<const MatrixB*>(ctx);
+  std::vector<PackRun>& runs = t_runs;
+  runs.clear();
+  for (int j = 0; j < cols;) {  // segment pieces, cut at panel boundaries
+    const int col = col0 + j, s = col / m.seg, in_seg = col - s * m.seg;
+    const int len = std::min(cols - j, m.seg - in_seg);
+    split_runs(j, len, m.b + s * m.seg_stride + static_cast<std::ptrdiff_t>(k0) * m.ldb + in_seg, 1, 0, 0, 0, nr, panel_stride,
+               runs);
+    j += len;
+  }
+  with_isa(isa, [&]() DDIM_INLINE_LAMBDA {
+    for (int k = 0; k < kc; ++k) {  // row by row: each row of B is read in order
+      for (const PackRun& r : runs) {
+        const float* __restrict src = r.base + static_cast<std::ptrdiff_t>(k) * m.ldb;
+        float* __restrict d = dst + r.dst + static_cast<std::ptrdiff_t>(k) * nr;
+        for (int t = 0; t < r.len; ++t) d[t] = src[t];
+      }
+    }
+  });
+  zero_tail(kc, cols, dst, nr, panel_stride);
+}
+
+}  // namespace
+
+BSource matrix_source(const MatrixB& m, int k, int n) { return BSource{pack_matrix_block, &m, k, n}; }
+
+// ---------------------------------------------------------------- the driver
+void gemm_packed(const PackedA& A, const BSource& B, const COut& o, ThreadPool* pool) {
+  const KernelSpec& ks = *A.spec;
+  const int M = A.m, K = A.k, N = B.n;
+  if (B.k != K) throw Error(ErrorCode::InvalidArgument, "cpu gemm: A has K=" + std::to_string(K) + ", B " + std::to_string(B.k));
+  if (M == 0 || N == 0) return;
+  check_cout(o, M, N);
+  if (K == 0) {  // C = 0 (or C), then the epilogue
+    if (!o.accumulate)
+      for (int i = 0; i < M; ++i)
+        for_segments(o, 0, N, [&](int s, int in_seg, int len, int) { std::fill_n(c_at(o, s, i, in_seg), len, 0.0f); });
+    epilogue(o, 0, M, 0, N);
+    return;
+  }
+  const int mr = ks.mr, nr = ks.nr, kg = ks.k_group();
+  const std::size_t eb = ks.elem_bytes();
+  const int a_panels = A.panels, b_panels = (N + nr - 1) / nr;
+  const int threads = pool ? pool->size() : 1;
+  // Tasks: runs of B panels; split the A panels too when there are fewer runs than 2 per thread.
+  const int nc_panels = std::clamp((b_panels + 2 * threads - 1) / (2 * threads), 1, kNcPanels);
+  const int n_blocks = (b_panels + nc_panels - 1) / nc_panels;
+  const int m_splits = n_blocks >= 2 * threads ? 1 : std::min(a_panels, (2 * threads + n_blocks - 1) / n_blocks);
+  const std::size_t b_panel_elems = static_cast<std::size_t>(kKc) * nr;  // per K block (kKc is even)
+
+  parallel_for(pool, static_cast<std::int64_t>(n_blocks) * m_splits, [&](std::int64_t begin, std::int64_t end) {
+    void* b_block = t_b_block.get(b_panel_elems * nc_panels * eb, "gemm packing");
+    float* stage = ks.precision == GemmPrecision::Bf16
+                       ? static_cast<float*>(t_stage.get(b_panel_elems * nc_panels * sizeof(float), "gemm packing"))
+                       : nullptr;
+    for (std::int64_t t = begin; t < end; ++t) {
+      const int nb = static_cast<int>(t / m_splits), ms = static_cast<int>(t % m_splits);
+      const int q0 = nb * nc_panels, q1 = std::min(b_panels, q0 + nc_panels);
+      const int p0 = static_cast<int>(static_cast<std::int64_t>(ms) * a_panels / m_splits);
+      const int p1 = static_cast<int>(static_cast<std::int64_t>(ms + 1) * a_panels / m_splits);
+      for (int k0 = 0; k0 < K; k0 += kKc) {
+        const int kc = std::min(kKc, K - k0);
+        const int steps = (kc + kg - 1) / kg;
+        {
+          const int col0 = q0 * nr, cols = std::min(N, q1 * nr) - col0;
+          if (ks.precision == GemmPrecision::Fp32) {
+            B.pack(B.ctx, k0, kc, col0, cols, static_cast<float*>(b_block), nr, b_panel_elems, ks.isa);
+          } else if (B.pack_bf16) {
+            B.pack_bf16(B.ctx, k0, kc, col0, cols, static_cast<std::uint16_t*>(b_block), nr, b_panel_elems);
+          } else {  // fp32 into the stage, then each panel converted to bf16 pairs
+            B.pack(B.ctx, k0, kc, col0, cols, stage, nr, b_panel_elems, ks.isa);
+            for (int q = q0; q < q1; ++q) {
+              const float* sp = stage + b_panel_elems * (q - q0);
+              std::uint16_t* d = static_cast<std::uint16_t*>(b_block) + b_panel_elems * (q - q0);
+#if defined(__x86_64__)
+              stage_to_bf16_pairs_avx512(sp, kc, nr, d);
+#else
+              stage_to_bf16_pairs(sp, kc, nr, d);
+#endif
+            }
+          }
+        }
+        const bool load_c = o.accumulate || k0 > 0, last = k0 + kc >= K;
+        for (int pb = p0; pb < p1; pb += kMcPanels) {
+          const int pe = std::min(p1, pb + kMcPanels);
+          for (int q = q0; q < q1; ++q) {
+            const int col0 = q * nr, cols = std::min(nr, N - col0);
+            const char* bp = static_cast<const char*>(b_block) + b_panel_elems * (q - q0) * eb;
+            for (int p = pb; p < pe; ++p) {
+              const int row0 = p * mr, rows = std::min(mr, M - row0);
+              const char* ap = static_cast<const char*>(A.data()) + (A.panel_elems * p + static_cast<std::size_t>(k0) * mr) * eb;
+              micro_tile(ks, o, steps, ap, bp, row0, rows, col0, cols, load_c);
+              if (last) epilogue(o, row0, rows, col0, cols);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- plain gemm (ops.hpp)
 void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, bool accumulate,
           ThreadPool* pool) {
   if (M < 0 || N < 0 || K < 0 || lda < std::max(K, 1) || ldb < std::max(N, 1) || ldc < std::max(N, 1))
@@ -293,88 +582,19 @@ void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb,
                                                 " K=" + std::to_string(K) + " lda=" + std::to_string(lda) +
                                                 " ldb=" + std::to_string(ldb) + " ldc=" + std::to_string(ldc));
   if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate)
-      for (int i = 0; i < M; ++i) std::fill_n(C + static_cast<std::ptrdiff_t>(i) * ldc, N, 0.0f);
-    return;
-  }
-  const KernelInfo& kern = active_kernel();
-  const int mr = kern.mr, nr = kern.nr;
-  const std::size_t a_panel_floats = static_cast<std::size_t>(K) * static_cast<std::size_t>(mr);
-  const std::size_t b_panel_floats = static_cast<std::size_t>(K) * static_cast<std::size_t>(nr);
+  gemm_general(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate, selected_fp32_kernel(), pool);
+}
 
-  // Chunks of whole tiles bound the packing memory for very large M or N.
-  const int mc = kMcPanels * mr, nc = kNcPanels * nr;
-  const int m_chunk_tiles = static_cast<int>(std::max<std::size_t>(1, kMaxPackFloats / (a_panel_floats * kMcPanels)));
-  const int n_chunk_tiles = static_cast<int>(std::max<std::size_t>(1, kMaxPackFloats / (b_panel_floats * kNcPanels)));
-  const int m_chunk = static_cast<int>(std::min<long long>(M, static_cast<long long>(m_chunk_tiles) * mc));
-  const int n_chunk = static_cast<int>(std::min<long long>(N, static_cast<long long>(n_chunk_tiles) * nc));
-  const int max_a_panels = (m_chunk + mr - 1) / mr, max_b_panels = (n_chunk + nr - 1) / nr;
-
-  float* const buffer = t_pack.get(a_panel_floats * static_cast<std::size_t>(max_a_panels) +
-                                   b_panel_floats * static_cast<std::size_t>(max_b_panels));
-  float* const a_pack = buffer;
-  float* const b_pack = buffer + a_panel_floats * static_cast<std::size_t>(max_a_panels);
-
-  for (int m0 = 0; m0 < M; m0 += m_chunk) {
-    const int m_len = std::min(m_chunk, M - m0);
-    const int a_panels = (m_len + mr - 1) / mr;
-    for (int n0 = 0; n0 < N; n0 += n_chunk) {
-      const int n_len = std::min(n_chunk, N - n0);
-      const int b_panels = (n_len + nr - 1) / nr;
-      // Pack: A only on the first N chunk of each M chunk.
-      const int pack_a_count = n0 == 0 ? a_panels : 0;
-      parallel_for(pool, pack_a_count + b_panels, [&](std::int64_t begin, std::int64_t end) {
-        for (std::int64_t t = begin; t < end; ++t) {
-          if (t < pack_a_count) {
-            const int p = static_cast<int>(t);
-            const int row0 = m0 + p * mr;
-            pack_a_panel(A + static_cast<std::ptrdiff_t>(row0) * lda, lda, std::min(mr, M - row0), K, mr,
-                         a_pack + a_panel_floats * static_cast<std::size_t>(p));
-          } else {
-            const int q = static_cast<int>(t - pack_a_count);
-            const int col0 = n0 + q * nr;
-            pack_b_panel(B + col0, ldb, std::min(nr, N - col0), K, nr,
-                         b_pack + b_panel_floats * static_cast<std::size_t>(q));
-          }
-        }
-      });
-      // Compute tiles of (mc_panels x nc_panels) panels; smaller tiles when there would be too few
-      // to keep every thread busy (the tiling never changes the arithmetic).
-      int mc_panels = kMcPanels, nc_panels = kNcPanels;
-      const int want_tiles = pool ? 2 * pool->size() : 1;
-      auto tiles = [&](int mp, int np) { return ((a_panels + mp - 1) / mp) * ((b_panels + np - 1) / np); };
-      while (nc_panels > 1 && tiles(mc_panels, nc_panels) < want_tiles) nc_panels = (nc_panels + 1) / 2;
-      while (mc_panels > 1 && tiles(mc_panels, nc_panels) < want_tiles) mc_panels = (mc_panels + 1) / 2;
-      const int tiles_m = (a_panels + mc_panels - 1) / mc_panels;
-      const int tiles_n = (b_panels + nc_panels - 1) / nc_panels;
-      parallel_for(pool, static_cast<std::int64_t>(tiles_m) * tiles_n, [&](std::int64_t begin, std::int64_t end) {
-        for (std::int64_t t = begin; t < end; ++t) {
-          const int tm = static_cast<int>(t / tiles_n), tn = static_cast<int>(t % tiles_n);
-          const int p0 = tm * mc_panels, p1 = std::min(a_panels, p0 + mc_panels);
-          const int q0 = tn * nc_panels, q1 = std::min(b_panels, q0 + nc_panels);
-          for (int k0 = 0; k0 < K; k0 += kKc) {
-            const int kc = std::min(kKc, K - k0);
-            const bool load_c = accumulate || k0 > 0;
-            for (int q = q0; q < q1; ++q) {
-              const int col = q * nr;  // within the chunk
-              const int cols = std::min(nr, n_len - col);
-              const float* bp =
-                  b_pack + b_panel_floats * static_cast<std::size_t>(q) + static_cast<std::size_t>(k0) * nr;
-              for (int p = p0; p < p1; ++p) {
-                const int row = p * mr;
-                const int rows = std::min(mr, m_len - row);
-                const float* ap =
-                    a_pack + a_panel_floats * static_cast<std::size_t>(p) + static_cast<std::size_t>(k0) * mr;
-                float* c = C + static_cast<std::ptrdiff_t>(m0 + row) * ldc + (n0 + col);
-                micro_block(kern, kc, ap, bp, c, ldc, rows, cols, load_c);
-              }
-            }
-          }
-        }
-      });
-    }
-  }
+void gemm_general(int M, int N, int K, const float* A, std::ptrdiff_t a_row_stride, std::ptrdiff_t a_col_stride,
+                  const float* B, long ldb, float* C, long ldc, bool accumulate, const KernelSpec& ks, ThreadPool* pool) {
+  pack_a(A, M, K, a_row_stride, a_col_stride, ks, t_a, pool);
+  const MatrixB mb{B, ldb, N, 0};
+  COut o;
+  o.c = C;
+  o.ldc = ldc;
+  o.seg = N;
+  o.accumulate = accumulate;
+  gemm_packed(t_a, matrix_source(mb, K, N), o, pool);
 }
 
 }  // namespace ddim::cpu

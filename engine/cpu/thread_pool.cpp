@@ -1,5 +1,7 @@
 // Persistent worker pool. One job at a time: the caller publishes (fn, chunk count) under the
-// mutex and bumps a generation counter; idle workers sleep on a condition variable (no spinning).
+// mutex and bumps a generation counter; idle workers sleep on a condition variable, after
+// watching the counter for up to kSpin first (a forward pass issues its jobs, one per op, a few
+// microseconds apart: a worker that went to sleep between them would cost a wake-up each).
 // Chunks are claimed with an atomic counter, so a slow thread never holds up the others. The
 // caller takes chunks too and then waits until every worker that joined the job has left it.
 // A worker only joins while unclaimed chunks remain, so none can touch a job after
@@ -8,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -25,6 +28,8 @@ using Fn = std::function<void(std::int64_t, std::int64_t)>;
 
 // Set while a thread runs a task: parallel_for is not reentrant and says so instead of deadlocking.
 thread_local bool t_in_task = false;
+
+constexpr std::chrono::microseconds kSpin{100};  // how long an idle worker watches for the next job
 }  // namespace
 
 struct ThreadPool::State {
@@ -35,12 +40,12 @@ struct ThreadPool::State {
   bool stop = false;
 
   // The current job; written under the mutex while no worker is inside a job.
-  std::uint64_t generation = 0;
+  std::atomic<std::uint64_t> generation{0};  // written under the mutex; read without it while spinning
   const Fn* fn = nullptr;
   std::int64_t count = 0;
   std::int64_t chunks = 0;
   std::atomic<std::int64_t> next_chunk{0};
-  int active = 0;  // workers inside the current job
+  std::atomic<int> active{0};  // workers inside the current job (changed under the mutex)
   std::exception_ptr error;
 
   // Claims and runs chunks until none are left. Chunk i covers [i*count/chunks, (i+1)*count/chunks).
@@ -66,9 +71,16 @@ struct ThreadPool::State {
     std::uint64_t seen = 0;
     std::unique_lock<std::mutex> lock(mutex);
     for (;;) {
-      work_cv.wait(lock, [&] { return stop || generation != seen; });
+      if (generation.load(std::memory_order_relaxed) == seen) {
+        lock.unlock();
+        const auto until = std::chrono::steady_clock::now() + kSpin;
+        while (generation.load(std::memory_order_relaxed) == seen && std::chrono::steady_clock::now() < until)
+          std::this_thread::yield();
+        lock.lock();
+      }
+      work_cv.wait(lock, [&] { return stop || generation.load(std::memory_order_relaxed) != seen; });
       if (stop) return;
-      seen = generation;
+      seen = generation.load(std::memory_order_relaxed);
       if (next_chunk.load(std::memory_order_relaxed) >= chunks) continue;  // nothing left to join
       ++active;
       lock.unlock();
@@ -137,14 +149,19 @@ void ThreadPool::parallel_for(std::int64_t count, const Fn& fn) {
     s.chunks = std::min<std::int64_t>(count, static_cast<std::int64_t>(size()) * 4);
     s.next_chunk.store(0, std::memory_order_relaxed);
     s.error = nullptr;
-    ++s.generation;
+    s.generation.fetch_add(1, std::memory_order_relaxed);
   }
   s.work_cv.notify_all();
   s.run_chunks();
   std::exception_ptr error;
   {
+    // The workers usually finish their last chunks within microseconds of the caller: watch
+    // before sleeping, as they do.
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    while (s.active.load(std::memory_order_relaxed) != 0 && std::chrono::steady_clock::now() < until)
+      std::this_thread::yield();
     std::unique_lock<std::mutex> lock(s.mutex);
-    s.done_cv.wait(lock, [&] { return s.active == 0; });
+    s.done_cv.wait(lock, [&] { return s.active.load(std::memory_order_relaxed) == 0; });
     s.fn = nullptr;
     error = s.error;
     s.error = nullptr;

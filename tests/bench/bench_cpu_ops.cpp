@@ -69,12 +69,11 @@ int main(int argc, char** argv) {
   if (hw_threads > 1) thread_counts.push_back(hw_threads);
   for (int threads : thread_counts) {
     ThreadPool pool(threads);
-    std::vector<float> scratch(conv2d_scratch_floats(s, &pool));
     const double gemm_flops = 2.0 * M * N * K;
     const Timing tg = time_runs([&] { gemm(M, N, K, A.data(), K, B.data(), N, C.data(), N, false, &pool); }, runs);
     const double conv_flops = 2.0 * s.cout * s.out_h() * s.out_w() * s.cin * 9;
     const Timing tc =
-        time_runs([&] { conv2d(s, x.data(), w.data(), bias.data(), y.data(), scratch.data(), &pool); }, runs);
+        time_runs([&] { conv2d(s, x.data(), w.data(), bias.data(), y.data(), &pool); }, runs);
     std::printf(
         "threads %d: gemm 256x1024x1152: %7.3f ms, %6.1f GFLOP/s (best %6.1f) | "
         "conv2d 3x3 128->128 32x32: %7.3f ms, %6.1f GFLOP/s (best %6.1f)\n",

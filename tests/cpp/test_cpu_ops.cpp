@@ -260,8 +260,7 @@ std::vector<double> ref_attention(const AttnParams& a, const float* x, const flo
 // ---------------------------------------------------------------- op runners
 Guarded run_conv(const Conv2dShape& s, const float* x, const float* w, const float* bias, ThreadPool* pool) {
   Guarded y(static_cast<std::size_t>(s.n) * s.cout * s.out_h() * s.out_w());
-  std::vector<float> scratch(conv2d_scratch_floats(s, pool) + 1);
-  conv2d(s, x, w, bias, y.data(), scratch.data(), pool);
+  conv2d(s, x, w, bias, y.data(), pool);
   return y;
 }
 
@@ -515,15 +514,14 @@ TEST_CASE("cpu conv2d: 3x3 3->128 at 32x32, pad 1 (the U-Net's conv_in), batch 2
   check_conv(conv_shape(2, 3, 32, 32, 128, 3, 1, 1), &pool, 200);
 }
 
-TEST_CASE("cpu conv2d: 1x1 256->128 reads the input directly (no scratch)") {
+TEST_CASE("cpu conv2d: 1x1 256->128 reads the input directly") {
   ThreadPool pool(2);
   const Conv2dShape s = conv_shape(2, 256, 16, 16, 128, 1, 1, 0);
-  CHECK(conv2d_scratch_floats(s, &pool) == 0);
   const auto x = random_vec(static_cast<std::size_t>(s.n) * s.cin * s.h * s.w, 300);
   const auto w = random_vec(static_cast<std::size_t>(s.cout) * s.cin, 301, 1.0f / 16.0f);
   const auto b = random_vec(static_cast<std::size_t>(s.cout), 302);
   Guarded y(static_cast<std::size_t>(s.n) * s.cout * s.h * s.w);
-  conv2d(s, x.data(), w.data(), b.data(), y.data(), nullptr, &pool);
+  conv2d(s, x.data(), w.data(), b.data(), y.data(), &pool);
   check_close("conv2d 1x1", y, ref_conv2d(s, x.data(), w.data(), b.data()), 1e-4, 1e-4);
 }
 
@@ -544,16 +542,51 @@ TEST_CASE("cpu conv2d: non-square inputs and kernels (H != W)") {
   check_conv(Conv2dShape{1, 4, 7, 6, 3, 7, 6, 1, 1, 0, 0, 0, 0}, nullptr, 520);  // kernel covers the input
 }
 
-TEST_CASE("cpu conv2d: a large input is done in im2col bands with the same result") {
+TEST_CASE("cpu conv2d: a large input, and small planes whose gemm panels span several samples") {
   ThreadPool pool(2);
-  const Conv2dShape s = conv_shape(1, 256, 64, 64, 8, 3, 1, 1);
-  CHECK(conv2d_scratch_floats(s, &pool) < static_cast<std::size_t>(256 * 9) * 64 * 64);  // really banded
-  check_conv(s, &pool, 600);
+  check_conv(conv_shape(1, 256, 64, 64, 8, 3, 1, 1), &pool, 600);
+  check_conv(conv_shape(5, 64, 4, 4, 40, 3, 1, 1), &pool, 610);              // 16 pixels a sample
+  check_conv(Conv2dShape{3, 16, 5, 3, 24, 3, 3, 1, 1, 1, 1, 1, 1}, &pool, 620);  // 15 pixels a sample
+  check_conv(conv_shape(7, 48, 2, 2, 16, 1, 1, 0), &pool, 630);              // 1x1 on 2x2 planes
+}
+
+TEST_CASE("cpu conv2d: the fused epilogue equals the separate bias, time-embedding and residual adds, bitwise") {
+  ThreadPool pool(2);
+  for (const Conv2dShape s : {conv_shape(3, 32, 8, 8, 40, 3, 1, 1), conv_shape(2, 24, 4, 4, 16, 1, 1, 0)}) {
+    const std::size_t plane = static_cast<std::size_t>(s.out_h()) * s.out_w();
+    const std::size_t out = static_cast<std::size_t>(s.n) * s.cout * plane;
+    const auto x = random_vec(static_cast<std::size_t>(s.n) * s.cin * s.h * s.w, 700);
+    const auto w = random_vec(static_cast<std::size_t>(s.cout) * s.cin * s.kh * s.kw, 701, 0.1f);
+    const auto bias = random_vec(static_cast<std::size_t>(s.cout), 702);
+    const auto temb = random_vec(static_cast<std::size_t>(s.n) * s.cout, 703);
+    const auto res = random_vec(out, 704);
+    // Separately: conv + bias, then the broadcast add, then the residual add.
+    const Guarded conv = run_conv(s, x.data(), w.data(), bias.data(), &pool);
+    std::vector<float> separate(out);
+    add_broadcast(conv.data(), temb.data(), s.n, s.cout, static_cast<int>(plane), 1.0f, separate.data());
+    add(separate.data(), res.data(), out, 1.0f, separate.data());
+    // Fused, with the weights packed once for the process-wide kernel.
+    PackedA packed;
+    pack_conv_weights(s, w.data(), selected_fp32_kernel(), packed, &pool);
+    ConvEpilogue e;
+    e.bias = bias.data();
+    e.temb = temb.data();
+    e.residual = res.data();
+    Guarded fused(out);
+    conv2d_packed(s, x.data(), packed, e, fused.data(), &pool);
+    CHECK(fused.guards_intact());
+    CHECK(bitwise_equal(fused.data(), separate.data(), out));
+    CHECK_THROWS_AS(conv2d_packed(s, x.data(), packed, ConvEpilogue{nullptr, nullptr, fused.data()}, fused.data(), &pool),
+                    ddim::Error);  // the residual may not alias the output
+  }
 }
 
 TEST_CASE("cpu conv2d: bad shapes are a ddim::Error") {
-  CHECK_THROWS_AS(conv2d_scratch_floats(Conv2dShape{1, 4, 2, 2, 4, 3, 3, 1, 1, 0, 0, 0, 0}, nullptr), ddim::Error);
-  CHECK_THROWS_AS(conv2d_scratch_floats(Conv2dShape{1, 4, 8, 8, 4, 3, 3, 0, 1, 1, 1, 1, 1}, nullptr), ddim::Error);
+  std::vector<float> buf(4096);
+  CHECK_THROWS_AS(conv2d(Conv2dShape{1, 4, 2, 2, 4, 3, 3, 1, 1, 0, 0, 0, 0}, buf.data(), buf.data(), nullptr, buf.data(), nullptr),
+                  ddim::Error);
+  CHECK_THROWS_AS(conv2d(Conv2dShape{1, 4, 8, 8, 4, 3, 3, 0, 1, 1, 1, 1, 1}, buf.data(), buf.data(), nullptr, buf.data(), nullptr),
+                  ddim::Error);
 }
 
 // ================================================================ linear
@@ -632,29 +665,28 @@ TEST_CASE("cpu attention: 4 heads, no residual, rescale 2, no biases, batch 2") 
   const float scale = 1.0f / std::sqrt(64.0f);
   const Guarded y = run_attention(a, x.data(), nullptr, 2, scale, 2.0f, &pool);
   check_close("attention 4 heads", y, ref_attention(a, x.data(), nullptr, 2, scale, 2.0f), 1e-4, 1e-4);
-  // Residual and output may be the same buffer (in-place residual add).
+  // The output projection adds the residual in its epilogue: the two may not share memory.
   const AttnParams b(64, 16 * 16, 128, 2, true, 960);
   auto inplace = random_vec(static_cast<std::size_t>(b.c) * b.hw, 970);
   const auto xb = random_vec(inplace.size(), 971);
-  const auto ref = ref_attention(b, xb.data(), inplace.data(), 1, 0.125f, 1.0f);
   std::vector<float> scratch(attention_scratch_floats(1, b.c, b.hw, b.d, &pool));
-  attention(xb.data(), inplace.data(), 1, b.c, b.hw, b.d, b.heads, 0.125f, b.weights(), 1.0f, inplace.data(),
-            scratch.data(), &pool);
-  Guarded got(inplace.size());
-  std::copy(inplace.begin(), inplace.end(), got.data());
-  check_close("attention in place", got, ref, 1e-4, 1e-4);
+  CHECK_THROWS_AS(attention(xb.data(), inplace.data(), 1, b.c, b.hw, b.d, b.heads, 0.125f, b.weights(), 1.0f,
+                            inplace.data(), scratch.data(), &pool),
+                  ddim::Error);
   CHECK_THROWS_AS(attention_scratch_floats(1, 8, 8, 0, nullptr), ddim::Error);
 }
 
 // ================================================================ batch and thread-count independence
-TEST_CASE("cpu ops: each sample of a batch of 3 equals the sample run alone, bitwise, and pool of 1 == pool of 2") {
-  ThreadPool one(1), two(2);
+TEST_CASE("cpu ops: each sample of a batch of 3 equals the sample run alone, bitwise, and pools of 1, 2, 3 agree") {
+  ThreadPool one(1), two(2), three(3);
   const int n = 3;
   auto sample = [](const auto& v, int b, std::size_t len) { return v.data() + static_cast<std::size_t>(b) * len; };
 
   SUBCASE("conv2d 3x3 and 1x1") {
+    // Planes of 256, 64, 16 and 15 pixels: gemm panels inside a sample and across samples.
     for (const Conv2dShape s_batch : {conv_shape(n, 64, 16, 16, 96, 3, 1, 1), conv_shape(n, 96, 8, 8, 64, 1, 1, 0),
-                                      Conv2dShape{n, 32, 16, 16, 32, 3, 3, 2, 2, 0, 1, 0, 1}}) {
+                                      Conv2dShape{n, 32, 16, 16, 32, 3, 3, 2, 2, 0, 1, 0, 1},
+                                      conv_shape(n, 64, 4, 4, 72, 3, 1, 1), Conv2dShape{n, 8, 5, 3, 16, 3, 3, 1, 1, 1, 1, 1, 1}}) {
       Conv2dShape s1 = s_batch;
       s1.n = 1;
       const std::size_t in_len = static_cast<std::size_t>(s1.cin) * s1.h * s1.w;
@@ -664,7 +696,9 @@ TEST_CASE("cpu ops: each sample of a batch of 3 equals the sample run alone, bit
       const auto bias = random_vec(static_cast<std::size_t>(s1.cout), 1002);
       const Guarded batch = run_conv(s_batch, x.data(), w.data(), bias.data(), &two);
       const Guarded batch1 = run_conv(s_batch, x.data(), w.data(), bias.data(), &one);
+      const Guarded batch3 = run_conv(s_batch, x.data(), w.data(), bias.data(), &three);
       CHECK(bitwise_equal(batch.data(), batch1.data(), batch.n));
+      CHECK(bitwise_equal(batch.data(), batch3.data(), batch.n));
       for (int b = 0; b < n; ++b) {
         const Guarded alone = run_conv(s1, sample(x, b, in_len), w.data(), bias.data(), b == 1 ? nullptr : &two);
         CHECK_MESSAGE(bitwise_equal(alone.data(), batch.data() + b * out_len, out_len), "sample ", b);
@@ -693,7 +727,9 @@ TEST_CASE("cpu ops: each sample of a batch of 3 equals the sample run alone, bit
     const auto res = random_vec(len * n, 1211);
     const Guarded batch = run_attention(a, x.data(), res.data(), n, 0.125f, 1.0f, &two);
     const Guarded batch1 = run_attention(a, x.data(), res.data(), n, 0.125f, 1.0f, &one);
+    const Guarded batch3 = run_attention(a, x.data(), res.data(), n, 0.125f, 1.0f, &three);
     CHECK(bitwise_equal(batch.data(), batch1.data(), batch.n));
+    CHECK(bitwise_equal(batch.data(), batch3.data(), batch.n));
     for (int b = 0; b < n; ++b) {
       const Guarded alone = run_attention(a, sample(x, b, len), sample(res, b, len), 1, 0.125f, 1.0f, nullptr);
       CHECK_MESSAGE(bitwise_equal(alone.data(), batch.data() + b * len, len), "sample ", b);

@@ -94,16 +94,15 @@ void reference(const Problem& p, std::vector<float>& ref, std::vector<float>& sc
   const ConvShape& s = p.s;
   const cpu::Conv2dShape cs = cpu_shape(s);
   const std::size_t hw = std::size_t(p.oh) * p.ow, count = std::size_t(s.n) * s.cout * hw;
-  std::vector<float> scratch(std::max<std::size_t>(cpu::conv2d_scratch_floats(cs, nullptr), 1));
   ref.assign(count, 0.f);
   scale.assign(count, 0.f);
-  cpu::conv2d(cs, p.x.data(), p.w.data(), p.e.bias ? p.bias.data() : nullptr, ref.data(), scratch.data(), nullptr);
+  cpu::conv2d(cs, p.x.data(), p.w.data(), p.e.bias ? p.bias.data() : nullptr, ref.data(), nullptr);
   auto absv = [](std::vector<float> v) {
     for (float& a : v) a = std::fabs(a);
     return v;
   };
   const std::vector<float> ax = absv(p.x), aw = absv(p.w), ab = absv(p.bias);
-  cpu::conv2d(cs, ax.data(), aw.data(), p.e.bias ? ab.data() : nullptr, scale.data(), scratch.data(), nullptr);
+  cpu::conv2d(cs, ax.data(), aw.data(), p.e.bias ? ab.data() : nullptr, scale.data(), nullptr);
   for (int b = 0; b < s.n; ++b)
     for (int ch = 0; ch < s.cout; ++ch)
       for (std::size_t q = 0; q < hw; ++q) {
