@@ -178,6 +178,7 @@ constexpr KernelSpec kAvx512Bf16{"avx512_bf16 8x32", Isa::Avx512Bf16, GemmPrecis
 static_assert(kAvx512.mr <= kMaxMr && kAvx512.nr <= kMaxNr && kAvx2.mr <= kMaxMr && kAvx512Bf16.nr <= kMaxNr);
 #endif
 
+#if !defined(__x86_64__)
 // ---------------------------------------------------------------- fp32 -> bf16
 // Round to nearest even; NaN stays a (quiet) NaN. vdpbf16ps treats bf16 denormals as zero, so
 // how a denormal rounds does not matter.
@@ -189,7 +190,6 @@ inline std::uint16_t to_bf16(float f) {
   return static_cast<std::uint16_t>(u >> 16);
 }
 
-#if !defined(__x86_64__)
 // staging (kc x nr fp32) -> dst: per k pair, nr columns x (k, k+1) bf16; an odd last row pairs
 // with zero.
 void stage_to_bf16_pairs(const float* stage, int kc, int nr, std::uint16_t* dst) {
