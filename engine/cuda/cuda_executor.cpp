@@ -50,6 +50,11 @@ cudaDataType_t cuda_type(DType t) {
 CudaExecutor::CudaExecutor(const ExecutorContext& ctx, const SessionOptions& options)
     : model_(ctx.model), m_(ctx.model->impl()), options_(options), dtype_(dtype_of(options.precision)),
       device_(options.device) {
+  // Class-conditional models (graph input class_labels) and classifier-free guidance run on the
+  // CPU backend only so far; BackendKind::Auto falls back to the CPU with this reason.
+  if (m_.graph.class_labels >= 0)
+    throw Error(ErrorCode::Unsupported, "cuda: class-conditional models (input 'class_labels') are not supported by the CUDA "
+                                        "backend yet; use the CPU backend");
   try {
     init(ctx);
   } catch (...) {
@@ -308,7 +313,9 @@ void CudaExecutor::build_program() {
         break;
       }
       case Op::TimestepEmbedding:
-        throw Error(ErrorCode::Internal, "cuda: timestep embedding " + node.name + " was not folded into a table");
+      case Op::Embedding:
+        throw Error(ErrorCode::Internal, "cuda: " + std::string(graph::to_string(node.op)) + " node " + node.name +
+                                             " was not folded into a table");
     }
     program_.push_back(std::move(op));
   }
@@ -423,12 +430,14 @@ void CudaExecutor::upload_tables(std::span<const int> timesteps) {
   table_timesteps_.assign(timesteps.begin(), timesteps.end());
 }
 
-void CudaExecutor::forward(std::span<const float> x, std::span<const int> t, std::span<float> out) {
+void CudaExecutor::forward(std::span<const float> x, std::span<const int> t, std::span<float> out, const Conditioning& cond) {
+  if (cond.width != 0) throw Error(ErrorCode::Unsupported, "cuda: class labels are not supported by the CUDA backend");
   forward_impl(x, t, out, nullptr);
 }
 
 void CudaExecutor::forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
-                                const Session::NodeOutputCallback& dump) {
+                                const Session::NodeOutputCallback& dump, const Conditioning& cond) {
+  if (cond.width != 0) throw Error(ErrorCode::Unsupported, "cuda: class labels are not supported by the CUDA backend");
   forward_impl(x, t, out, &dump);
 }
 

@@ -35,9 +35,10 @@ class CudaExecutor final : public Executor {
   CudaExecutor(const ExecutorContext& ctx, const SessionOptions& options);
   ~CudaExecutor() override;
 
-  void forward(std::span<const float> x, std::span<const int> t, std::span<float> out) override;
+  using Executor::forward;
+  void forward(std::span<const float> x, std::span<const int> t, std::span<float> out, const Conditioning& cond) override;
   void forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
-                    const Session::NodeOutputCallback& dump) override;
+                    const Session::NodeOutputCallback& dump, const Conditioning& cond) override;
   void sample(const SampleJob& job, SampleResult& result) override;
   const PlanInfo& plan_info() const override { return info_; }
   void set_stream(void* cuda_stream) override;

@@ -77,6 +77,15 @@ void check_shape(std::span<const std::int64_t> shape, std::span<const std::int64
 // ddim::Error(InvalidArgument) when the data holds NaN or Inf.
 void check_finite(std::span<const float> data, const std::string& what);
 
+// The class-conditioning options of sample, forward, invert and interpolate (each command's table
+// lists them: kConditioningHelp): --class-labels, --class-embeddings, --guidance-scale,
+// --guidance-rescale, --null-class-label, --null-class-embedding. Checks what the command line
+// alone can (numbers, files, shapes); the session checks them against the model.
+ClassConditioning conditioning_from(const ParsedArgs& args);
+// The batch the labels imply: the count of --class-labels or the N of --class-embeddings (N, D)
+// when more than one; 0 when they fit any batch.
+int conditioning_batch(const ClassConditioning& c);
+
 // "999,979,959": a timestep list as the options take it.
 std::string join(const std::vector<int>& values);
 std::string join(const std::vector<std::uint64_t>& values);

@@ -265,4 +265,51 @@ std::string format_bytes(std::uint64_t bytes) {
   return buf;
 }
 
+ClassConditioning conditioning_from(const ParsedArgs& args) {
+  ClassConditioning c;
+  if (const auto list = args.get("--class-labels")) {
+    std::size_t start = 0;
+    while (true) {
+      const std::size_t comma = list->find(',', start);
+      const std::string item = list->substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+      c.class_labels.push_back(parse_real(item, "--class-labels entry " + std::to_string(c.class_labels.size() + 1), -1e30, 1e30));
+      if (c.class_labels.size() > static_cast<std::size_t>(kMaxBatch))
+        throw UsageError("--class-labels: more than " + std::to_string(kMaxBatch) + " labels");
+      if (comma == std::string::npos) break;
+      start = comma + 1;
+    }
+  }
+  auto read_vectors = [&](const char* option, bool batched) {
+    std::vector<float> out;
+    if (const auto path = args.get(option)) {
+      const std::string what = std::string(option) + " " + format::quote_path(*path);
+      tools::NpyArray a = tools::read_npy_f32(*path, [&](std::span<const std::int64_t> shape) {
+        const bool ok = shape.size() == 1 ? shape[0] >= 1 : shape.size() == 2 && shape[0] >= 1 && shape[1] >= 1 &&
+                                                                (batched ? shape[0] <= kMaxBatch : shape[0] == 1);
+        if (!ok)
+          throw Error(ErrorCode::InvalidArgument, what + " has shape " + tools::shape_to_string(shape) + "; expected " +
+                                                      (batched ? "(N, D) or (D)" : "(D) or (1, D)"));
+      });
+      check_finite(a.data, what);
+      out = std::move(a.data);
+    }
+    return out;
+  };
+  c.class_embeddings = read_vectors("--class-embeddings", true);
+  if (!c.class_labels.empty() && !c.class_embeddings.empty())
+    throw UsageError("give --class-labels (index and scalar models) or --class-embeddings (vector models), not both");
+  c.guidance_scale = args.real("--guidance-scale", 0.0, 1000.0);
+  c.guidance_rescale = args.real("--guidance-rescale", 0.0, 1.0);
+  if (args.get("--null-class-label")) c.null_class_label = args.real("--null-class-label", -1e30, 1e30);
+  c.null_class_embedding = read_vectors("--null-class-embedding", false);
+  if (c.null_class_label && !c.null_class_embedding.empty())
+    throw UsageError("give --null-class-label or --null-class-embedding, not both");
+  return c;
+}
+
+int conditioning_batch(const ClassConditioning& c) {
+  if (c.class_labels.size() > 1) return static_cast<int>(c.class_labels.size());
+  return 0;
+}
+
 }  // namespace ddim::cli
