@@ -209,7 +209,7 @@ DDIM_C_API ddim_status ddim_session_get_plan_info(ddim_session* session, ddim_pl
 
 /* Class labels and classifier-free guidance for a class-conditional model (ddim::ClassConditioning
    in ddim/session.hpp; README "Class-conditional models"). An unconditional model refuses any
-   setting here other than the defaults; a conditional one needs labels. CPU backend only. */
+   setting here other than the defaults; a conditional one needs labels. */
 typedef struct ddim_class_conditioning {
   size_t struct_size;
   const double* class_labels;         /* index / scalar models: 1 (for all) or N labels */

@@ -83,7 +83,8 @@ using ProgressCallback = std::function<bool(int done, int total)>;
 // half (N). guidance_rescale (phi in [0, 1]) then applies diffusers' rescale_noise_cfg to the
 // guided output, whatever the prediction type. The null label comes from here, else from the
 // model file (recorded by the exporter when told); with neither, guidance is an error.
-// CPU backend only in this version (a CUDA session refuses class-conditional models).
+// Both backends: the CUDA backend gathers each sample's folded rows on the device and combines the
+// halves in a kernel (kernels/guidance.cu) with the same per-element math (kernels/cfg.h).
 struct ClassConditioning {
   std::vector<double> class_labels;            // index / scalar models: N values, or 1 for all
   std::vector<float> class_embeddings;         // vector models: (N, D), or (D) for all
