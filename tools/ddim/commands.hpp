@@ -85,6 +85,11 @@ ClassConditioning conditioning_from(const ParsedArgs& args);
 // The batch the labels imply: the count of --class-labels or the N of --class-embeddings (N, D)
 // when more than one; 0 when they fit any batch.
 int conditioning_batch(const ClassConditioning& c);
+// The class options against the model (ModelInfo: its kind, classes, recorded null input) for a
+// batch of `batch`: UsageError naming the option for labels an unconditional model cannot take,
+// missing labels, the wrong kind, an index outside [0, K), a count that fits no batch, or guidance
+// without a null input. (The session checks the same; this names the options.)
+void check_conditioning(const Model& model, const ClassConditioning& c, int batch);
 
 // "999,979,959": a timestep list as the options take it.
 std::string join(const std::vector<int>& values);

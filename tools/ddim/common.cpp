@@ -307,6 +307,58 @@ ClassConditioning conditioning_from(const ParsedArgs& args) {
   return c;
 }
 
+void check_conditioning(const Model& model, const ClassConditioning& c, int batch) {
+  const ModelInfo& info = model.info();
+  const auto number = [](double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.9g", v);
+    return std::string(buf);
+  };
+  if (info.class_kind.empty()) {
+    const char* given = !c.class_labels.empty() ? "--class-labels" : !c.class_embeddings.empty() ? "--class-embeddings"
+                        : c.guidance_scale != 1.0 ? "--guidance-scale" : c.guidance_rescale != 0.0 ? "--guidance-rescale"
+                        : c.null_class_label ? "--null-class-label" : !c.null_class_embedding.empty() ? "--null-class-embedding"
+                                                                                                     : nullptr;
+    if (given) throw UsageError(std::string(given) + ": the model is unconditional (it takes no class labels)");
+    return;
+  }
+  const std::size_t n = static_cast<std::size_t>(batch), d = static_cast<std::size_t>(info.class_dim);
+  if (info.class_kind == "vector") {
+    if (!c.class_labels.empty() || c.null_class_label)
+      throw UsageError(std::string(c.class_labels.empty() ? "--null-class-label" : "--class-labels") +
+                       ": the model takes class embeddings of " + std::to_string(d) + " values (--class-embeddings)");
+    if (c.class_embeddings.empty())
+      throw UsageError("the model is class-conditional (vector, " + std::to_string(d) + " values): give --class-embeddings");
+    if (c.class_embeddings.size() != d && c.class_embeddings.size() != n * d)
+      throw UsageError("--class-embeddings holds " + std::to_string(c.class_embeddings.size()) + " values; the model and the batch need (N, D) = (" +
+                       std::to_string(n) + ", " + std::to_string(d) + ") or (D)");
+    if (!c.null_class_embedding.empty() && c.null_class_embedding.size() != d)
+      throw UsageError("--null-class-embedding holds " + std::to_string(c.null_class_embedding.size()) + " values; the model needs D = " +
+                       std::to_string(d));
+  } else {
+    if (!c.class_embeddings.empty() || !c.null_class_embedding.empty())
+      throw UsageError(std::string(c.class_embeddings.empty() ? "--null-class-embedding" : "--class-embeddings") +
+                       ": the model takes class labels (" + info.class_kind + "), not embeddings");
+    if (c.class_labels.empty())
+      throw UsageError("the model is class-conditional (" + info.class_kind +
+                       (info.class_kind == "index" ? ", " + std::to_string(info.num_classes) + " classes" : std::string()) +
+                       "): give --class-labels");
+    if (c.class_labels.size() != 1 && c.class_labels.size() != n)
+      throw UsageError("--class-labels lists " + std::to_string(c.class_labels.size()) + " labels for a batch of " + std::to_string(n) +
+                       " (give one for all or one per sample)");
+    auto check_index = [&](double v, const std::string& what) {
+      if (info.class_kind == "index" && !(v >= 0 && v < info.num_classes && v == std::floor(v)))
+        throw UsageError(what + ": " + number(v) + " is not an integer in [0, " + std::to_string(info.num_classes) + ")");
+    };
+    for (std::size_t i = 0; i < c.class_labels.size(); ++i) check_index(c.class_labels[i], "--class-labels entry " + std::to_string(i + 1));
+    if (c.null_class_label) check_index(*c.null_class_label, "--null-class-label");
+  }
+  if (c.guidance_scale != 1.0 && info.null_class.empty() && !c.null_class_label && c.null_class_embedding.empty())
+    throw UsageError("--guidance-scale " + number(c.guidance_scale) + " needs the unconditional input: give " +
+                     (info.class_kind == "vector" ? "--null-class-embedding" : "--null-class-label") +
+                     " (the model file records none; tools/export.py can record it)");
+}
+
 int conditioning_batch(const ClassConditioning& c) {
   if (c.class_labels.size() > 1) return static_cast<int>(c.class_labels.size());
   return 0;

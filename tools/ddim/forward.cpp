@@ -121,6 +121,7 @@ int run_forward(const ParsedArgs& args) {
     }
   }
 
+  check_conditioning(*model, conditioning, n);
   session_options.batch = n;
   session_options.height = static_cast<int>(x.shape[2]);
   session_options.width = static_cast<int>(x.shape[3]);

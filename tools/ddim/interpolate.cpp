@@ -155,14 +155,15 @@ int run_interpolate(const ParsedArgs& args) {
   }
   options.x_T = x_T;
 
-  // ---- sample all frames as one batch
+  // ---- sample all frames as one batch (one label for all frames)
+  options.conditioning = conditioning_from(args);
+  check_conditioning(*model, options.conditioning, frames);
   session_options.batch = frames;
   session_options.height = static_cast<int>(height);
   session_options.width = static_cast<int>(width);
   const std::unique_ptr<Session> session = create_session(
       model, session_options, seeds_text ? std::string("the model's sample size") : "--x-T " + format::quote_path(path_a), false, args);
   const PlanInfo& plan_info = session->plan_info();
-  options.conditioning = conditioning_from(args);
   if (isatty(STDERR_FILENO)) options.progress = make_progress_bar();
   const auto start = std::chrono::steady_clock::now();
   const SampleResult result = session->sample(options);

@@ -139,6 +139,7 @@ int run_invert(const ParsedArgs& args) {
   session_options.width = static_cast<int>(input.w);
   options.want_trajectory = trajectory_path.has_value();
   options.conditioning = conditioning_from(args);
+  check_conditioning(*model, options.conditioning, session_options.batch);
 
   // ---- invert
   const std::unique_ptr<Session> session =

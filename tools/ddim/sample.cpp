@@ -199,6 +199,9 @@ int run_sample(const ParsedArgs& args) {
                        " (give one for all or one per sample)");
   }
   if (seeds.empty()) check_seed_range(seed, static_cast<std::uint64_t>(batch), "--seed");
+  if (!ddpm) check_conditioning(*model, options.conditioning, batch);
+  else if (!info.class_kind.empty())
+    throw UsageError("--sampler ddpm takes no class labels; the model is class-conditional (use --sampler ddim)");
 
   // The timesteps this run visits (the same computation the session makes), for --noise.
   TimestepPlan plan;
