@@ -17,6 +17,20 @@ struct ExecutorContext {
   int height = 0, width = 0;
 };
 
+// The class conditioning of a call (graph input class_labels), checked and prepared by the
+// session: each sample's condition, the unconditional ("null") condition, the guidance settings.
+// Classifier-free guidance (guided()) runs one forward of 2N samples, the conditional half
+// (samples 0..N-1) and the null half (N..2N-1) of the same x_t, and combines them per sample
+// (kernels/cfg.h): out = u + w (c - u), then diffusers' rescale_noise_cfg when rescale > 0.
+struct Conditioning {
+  int width = 0;                  // values per condition: 0 unconditional, 1 index / scalar, D vector
+  std::vector<float> labels;      // (N, width): each sample's condition
+  std::vector<float> null_label;  // (width): the unconditional input (guidance only)
+  double guidance_scale = 1.0;
+  double guidance_rescale = 0.0;  // phi of rescale_noise_cfg; 0: off
+  bool guided() const { return width > 0 && guidance_scale != 1.0; }
+};
+
 // Everything a backend needs to run a whole DDIM sampling loop, prepared on the host. DDIM
 // inversion (Session::invert) runs through the same loop: x_T is the clean x0, the timesteps
 // ascend, and the step parameters carry the inversion's alpha-bars (sigma = 0). DDPM ancestral
@@ -40,16 +54,20 @@ struct SampleJob {
   void* output_device = nullptr;              // (N, C, H, W), fp32 or the session's precision
   bool output_session_precision = false;
   bool async = false;                         // enqueue only: no host synchronisation, no host results
+  Conditioning cond;                          // class labels and guidance (empty: unconditional)
 };
 
 class Executor {
  public:
   virtual ~Executor() = default;
-  // One forward pass: x (N, C, H, W) host, t one per sample; out (N, C_out, H, W) host.
-  virtual void forward(std::span<const float> x, std::span<const int> t, std::span<float> out) = 0;
-  // The same, reporting every node's output (no folding, no fusion: one value per graph node).
+  // One forward pass: x (N, C, H, W) host, t one per sample; out (N, C_out, H, W) host; with
+  // cond's labels and guidance (the guided output when cond.guided()).
+  virtual void forward(std::span<const float> x, std::span<const int> t, std::span<float> out, const Conditioning& cond) = 0;
+  void forward(std::span<const float> x, std::span<const int> t, std::span<float> out) { forward(x, t, out, Conditioning{}); }
+  // The same, reporting every node's output (no folding, no fusion: one value per graph node; the
+  // conditional half only).
   virtual void forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
-                            const Session::NodeOutputCallback& dump) = 0;
+                            const Session::NodeOutputCallback& dump, const Conditioning& cond) = 0;
   // The whole sampling loop; fills images (and trajectory / x0 when asked).
   virtual void sample(const SampleJob& job, SampleResult& result) = 0;
   virtual const PlanInfo& plan_info() const = 0;

@@ -81,6 +81,8 @@ std::unique_ptr<Model::Impl> load_impl(const std::string& source, std::uint64_t 
   } catch (const Error& e) {
     throw Error(e.code(), source + ": " + e.what());
   }
+  if (impl->graph.class_labels >= 0 && version < 2)
+    throw invalid("the graph input 'class_labels' needs format version 2 (the file says " + ver + ")" + kReexport);
   format::ParsedSchedule sched;
   try {
     sched = format::parse_schedule(format::parse_json_strict(meta("ddim.schedule"), "__metadata__ ddim.schedule"));
@@ -174,6 +176,12 @@ std::unique_ptr<Model::Impl> load_impl(const std::string& source, std::uint64_t 
   impl->info.height = g.height;
   impl->info.width = g.width;
   impl->info.node_count = std::int64_t(g.nodes.size());
+  if (g.class_labels >= 0) {
+    impl->info.class_kind = graph::to_string(g.cls.kind);
+    impl->info.num_classes = g.cls.num_classes;
+    impl->info.class_dim = g.cls.width();
+    impl->info.null_class = g.cls.null;
+  }
   return impl;
 }
 

@@ -130,6 +130,7 @@ void load_sampling_kernels(DType t) {
   DDIM_CUDA_CHECK(cudaFuncGetAttributes(&attr, advance_step_kernel));
   DDIM_CUDA_CHECK(cudaFuncGetAttributes(&attr, inline_copy_kernel));
   load_threshold_kernels();
+  load_guidance_kernels(t);
 }
 
 void copy_from_host_inline(void* dst, const void* src, std::size_t bytes, cudaStream_t stream) {

@@ -201,6 +201,22 @@ std::size_t sample_elements(const ddim::Session& s) {
 }
 std::size_t batch_of(const ddim::Session& s) { return static_cast<std::size_t>(s.plan_info().batch); }
 
+// ddim_class_conditioning (NULL: the defaults) -> ClassConditioning.
+ddim::ClassConditioning conditioning_of(const ddim_class_conditioning* in) {
+  const ddim_class_conditioning c = read_struct(in, ddim_class_conditioning_init, "ddim_class_conditioning");
+  ddim::ClassConditioning o;
+  const auto labels = input_array(c.class_labels, c.class_label_count, "conditioning.class_labels");
+  o.class_labels.assign(labels.begin(), labels.end());
+  const auto emb = input_array(c.class_embeddings, c.class_embedding_count, "conditioning.class_embeddings");
+  o.class_embeddings.assign(emb.begin(), emb.end());
+  o.guidance_scale = c.guidance_scale;
+  o.guidance_rescale = c.guidance_rescale;
+  if (c.has_null_class_label) o.null_class_label = c.null_class_label;
+  const auto null = input_array(c.null_class_embedding, c.null_class_embedding_count, "conditioning.null_class_embedding");
+  o.null_class_embedding.assign(null.begin(), null.end());
+  return o;
+}
+
 // ddim_sample_options -> SampleOptions (the options only; buffers are checked by the callers).
 ddim::SampleOptions sample_options_of(const ddim_sample_options& c) {
   ddim::SampleOptions o;
@@ -214,6 +230,7 @@ ddim::SampleOptions sample_options_of(const ddim_sample_options& c) {
   o.seeds.assign(seeds.begin(), seeds.end());
   o.x_T = input_array(c.x_T, c.x_T_count, "options.x_T");
   o.noise = input_array(c.noise, c.noise_count, "options.noise");
+  o.conditioning = conditioning_of(c.conditioning);
   o.clip_sample = tri_state(c.clip_sample, "options.clip_sample");
   o.set_alpha_to_one = tri_state(c.set_alpha_to_one, "options.set_alpha_to_one");
   if (c.steps_offset < -1) invalid("options.steps_offset is " + std::to_string(c.steps_offset) + " (-1: the model's; else >= 0)");
@@ -338,6 +355,11 @@ ddim_status ddim_model_get_info(const ddim_model* model, ddim_model_info* info) 
     c.width = i.width;
     c.parameter_count = i.parameter_count;
     c.node_count = i.node_count;
+    c.class_kind = i.class_kind == "index" ? DDIM_CLASS_INDEX : i.class_kind == "scalar" ? DDIM_CLASS_SCALAR
+                   : i.class_kind == "vector" ? DDIM_CLASS_VECTOR : DDIM_CLASS_NONE;
+    c.num_classes = i.num_classes;
+    c.class_dim = i.class_dim;
+    c.has_null = !i.null_class.empty();
     write_struct(require(info, "info"), c, "ddim_model_info");
   });
 }
@@ -586,6 +608,15 @@ ddim_status ddim_session_sample_ddpm(ddim_session* session, const ddim_ddpm_opti
   });
 }
 
+void ddim_class_conditioning_init(ddim_class_conditioning* conditioning) {
+  if (!conditioning) return;
+  const ddim::ClassConditioning d;
+  *conditioning = ddim_class_conditioning{};
+  conditioning->struct_size = sizeof(ddim_class_conditioning);
+  conditioning->guidance_scale = d.guidance_scale;
+  conditioning->guidance_rescale = d.guidance_rescale;
+}
+
 void ddim_invert_options_init(ddim_invert_options* options) {
   if (!options) return;
   const ddim::InvertOptions d;
@@ -610,6 +641,7 @@ ddim_status ddim_session_invert(ddim_session* session, const float* x0, size_t x
     o.model_time = enum_value<ddim::ModelTime>(c.model_time, DDIM_MODEL_TIME_NEXT + 1, "options.model_time");
     o.refine = c.refine;
     o.progress = progress_of(c.progress, c.progress_user);
+    o.conditioning = conditioning_of(c.conditioning);
     require(x0, "x0");
     const std::size_t N = batch_of(s), E = sample_elements(s);
     check_output(x_T, x_T_count, product({N, E}, "x_T"), "x_T");
@@ -631,6 +663,12 @@ ddim_status ddim_session_invert(ddim_session* session, const float* x0, size_t x
 
 ddim_status ddim_session_forward(ddim_session* session, const float* x, size_t x_count, const int* t, size_t t_count,
                                  float* out, size_t out_count, ddim_node_fn dump, void* user) {
+  return ddim_session_forward_conditioned(session, x, x_count, t, t_count, nullptr, out, out_count, dump, user);
+}
+
+ddim_status ddim_session_forward_conditioned(ddim_session* session, const float* x, size_t x_count, const int* t,
+                                             size_t t_count, const ddim_class_conditioning* conditioning, float* out,
+                                             size_t out_count, ddim_node_fn dump, void* user) {
   return guarded([&] {
     ddim::Session& s = session_of(session);
     require(x, "x");
@@ -642,14 +680,15 @@ ddim_status ddim_session_forward(ddim_session* session, const float* x, size_t x
     check_output(out, out_count, needed, "out");
     const std::span<const float> xs(x, x_count);
     const std::span<const int> ts(t, t_count);
+    const ddim::ClassConditioning cond = conditioning_of(conditioning);
     std::vector<float> r;
     if (dump) {
-      r = s.forward(xs, ts, [dump, user](const std::string& node, const std::vector<std::int64_t>& shape,
-                                         std::span<const float> values) {
+      r = s.forward(xs, ts, cond, [dump, user](const std::string& node, const std::vector<std::int64_t>& shape,
+                                               std::span<const float> values) {
         dump(user, node.c_str(), shape.data(), shape.size(), values.data(), values.size());
       });
     } else {
-      r = s.forward(xs, ts);
+      r = s.forward(xs, ts, cond);
     }
     copy_out(r, out);
   });

@@ -61,7 +61,11 @@ CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& optio
   step_fold_ = graph::fold_time_only(step_);
   if (step_fold_.tables != fold_.tables)
     throw Error(ErrorCode::Internal, "cpu: the fused step graph reads other time tables than the model's graph");
-  mem_ = graph::plan_memory(step_, step_fold_, batch_, sizeof(float));
+  // A class-conditional model may be sampled with classifier-free guidance: a forward of 2N. The
+  // plan holds 2N (every buffer then also serves a forward of N).
+  plan_batch_ = g_.class_labels >= 0 ? 2 * batch_ : batch_;
+  run_batch_ = batch_;
+  mem_ = graph::plan_memory(step_, step_fold_, plan_batch_, sizeof(float));
   pool_ = std::make_unique<ThreadPool>(options.threads);
   std::size_t scratch = 0, packed_bytes = 0;
   for (int i : step_fold_.step_nodes) {
@@ -71,12 +75,12 @@ CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& optio
       packed_bytes += std::size_t(n.out_channels + 8) * std::size_t(x.c) * n.kernel_h * n.kernel_w * spec_->elem_bytes();
     } else if (n.op == Op::Attention) {
       const int d = attention_dim(step_, n);
-      scratch = std::max(scratch, attention_scratch_floats(batch_, x.c, x.h * x.w, d, pool_.get()));
+      scratch = std::max(scratch, attention_scratch_floats(plan_batch_, x.c, x.h * x.w, d, pool_.get()));
       packed_bytes += std::size_t(4 * d + 8) * std::size_t(x.c) * spec_->elem_bytes();
     }
   }
   check_fits_host_memory(std::uint64_t(mem_.arena_bytes) + std::uint64_t(scratch) * sizeof(float),
-                         "cpu: the activation arena for batch " + std::to_string(batch_));
+                         "cpu: the activation arena for batch " + std::to_string(plan_batch_));
   check_fits_host_memory(packed_bytes, std::string("cpu: the weights packed for the ") + spec_->name + " kernel");
   try {
     arena_.assign(mem_.arena_bytes / sizeof(float), 0.f);
@@ -104,7 +108,11 @@ CpuExecutor::CpuExecutor(const ExecutorContext& ctx, const SessionOptions& optio
   info_.batch = batch_;
   info_.height = ctx.height;
   info_.width = ctx.width;
-  for (int i : fold_.time_nodes) info_.folded_nodes.push_back(g_.nodes[i].name);
+  for (int i : fold_.time_nodes) {
+    info_.folded_nodes.push_back(g_.nodes[i].name);
+    if (fold_.per_label[std::size_t(g_.nodes[i].output)]) info_.folded_per_label.push_back(g_.nodes[i].name);
+  }
+  info_.forward_batch = plan_batch_;
   for (int i : step_fold_.step_nodes) {
     const Node& n = step_.nodes[i];
     if (n.op == Op::GroupNorm && n.silu) info_.fusions.push_back(n.name + ": group_norm + silu");
@@ -136,6 +144,17 @@ void run_node(const graph::Graph& g, const Node& n, const NodeWeights& weights, 
   switch (n.op) {
     case Op::TimestepEmbedding:
       timestep_embedding(in[0], batch, n.dim, n.flip_sin_to_cos, float(n.freq_shift), float(n.max_period), float(n.scale), y);
+      break;
+    case Op::Embedding:
+      for (int b = 0; b < batch; ++b) {
+        const float label = in[0][b];
+        if (!(label >= 0.f && label < float(n.num_embeddings) && label == std::floor(label)))
+          throw Error(ErrorCode::InvalidArgument, "class label " + std::to_string(label) + " is not an integer in [0, " +
+                                                      std::to_string(n.num_embeddings) + ") (node '" + n.name + "': the model has " +
+                                                      std::to_string(n.num_embeddings) + " classes)");
+        std::memcpy(y + std::size_t(b) * std::size_t(n.dim), w(kWeight) + std::size_t(label) * std::size_t(n.dim),
+                    std::size_t(n.dim) * sizeof(float));
+      }
       break;
     case Op::Linear: linear(in[0], batch, x.c, w(kWeight), w(kBias), n.out_features, y, pool); break;
     case Op::Conv2d: {
@@ -190,30 +209,64 @@ void CpuExecutor::run_step_node(int i, const std::vector<const float*>& in, floa
     auto at = [&](int v) { return arena_.data() + mem_.offset[std::size_t(v)] / sizeof(float); };
     if (f.temb >= 0) e.temb = at(f.temb);
     if (f.residual >= 0) e.residual = at(f.residual);
-    conv2d_packed(conv_shape(step_, n, batch_), in[0], packed_[std::size_t(i)].conv, e, out, pool_.get());
+    conv2d_packed(conv_shape(step_, n, run_batch_), in[0], packed_[std::size_t(i)].conv, e, out, pool_.get());
   } else if (n.op == Op::Attention) {
     const auto& x = step_.values[n.inputs[0]];
-    attention_packed(in[0], n.inputs.size() > 1 ? in[1] : nullptr, batch_, x.c, x.h * x.w, attention_dim(step_, n), n.heads,
+    attention_packed(in[0], n.inputs.size() > 1 ? in[1] : nullptr, run_batch_, x.c, x.h * x.w, attention_dim(step_, n), n.heads,
                      attention_scale(step_, n), packed_[std::size_t(i)].attention, float(n.divisor), out, scratch_.data(),
                      pool_.get());
   } else {
-    run_node(step_, n, w, batch_, in, out, scratch_.data(), pool_.get(), spec_);
+    run_node(step_, n, w, run_batch_, in, out, scratch_.data(), pool_.get(), spec_);
   }
 }
 
-void CpuExecutor::build_tables(std::span<const int> timesteps) {
-  if (table_timesteps_.size() == timesteps.size() && std::equal(timesteps.begin(), timesteps.end(), table_timesteps_.begin()))
+void CpuExecutor::build_tables(std::span<const int> timesteps, const ConditionRows& conditions) {
+  const auto& c = conditions.conditions;
+  if (table_timesteps_.size() == timesteps.size() && std::equal(timesteps.begin(), timesteps.end(), table_timesteps_.begin()) &&
+      table_conditions_.size() == c.size() && (c.empty() || std::memcmp(c.data(), table_conditions_.data(), c.size() * 4) == 0))
     return;
-  tables_ = plan::evaluate_time_tables(g_, fold_, node_weights_, timesteps);
+  tables_ = plan::evaluate_time_tables(g_, fold_, node_weights_, timesteps, c);
   table_timesteps_.assign(timesteps.begin(), timesteps.end());
+  table_conditions_ = c;
+}
+
+void CpuExecutor::forward_rows(const float* x, std::span<const int> trow, const ConditionRows& rows, const Conditioning& cond,
+                               float* out) {
+  const std::size_t N = std::size_t(batch_), U = rows.count;
+  if (!cond.guided()) {
+    std::vector<int> r(N);
+    for (std::size_t b = 0; b < N; ++b) r[b] = int(std::size_t(trow[b]) * U + std::size_t(rows.of_sample[b]));
+    run_batch_ = batch_;
+    run_step(x, r, out);
+    return;
+  }
+  const std::size_t E = sample_elems(), O = out_elems();
+  x2_.resize(2 * N * E);
+  out2_.resize(2 * N * O);
+  std::memcpy(x2_.data(), x, N * E * sizeof(float));
+  std::memcpy(x2_.data() + N * E, x, N * E * sizeof(float));
+  std::vector<int> r(2 * N);
+  for (std::size_t b = 0; b < N; ++b) {
+    r[b] = int(std::size_t(trow[b]) * U + std::size_t(rows.of_sample[b]));
+    r[N + b] = int(std::size_t(trow[b]) * U + std::size_t(rows.null_index));
+  }
+  run_batch_ = 2 * batch_;
+  try {
+    run_step(x2_.data(), r, out2_.data());
+  } catch (...) {
+    run_batch_ = batch_;
+    throw;
+  }
+  run_batch_ = batch_;
+  combine_guidance(out2_.data(), N, O, cond.guidance_scale, cond.guidance_rescale, out);
 }
 
 void CpuExecutor::run_step(const float* x, std::span<const int> rows, float* out) {
   auto at = [&](int v) { return arena_.data() + mem_.offset[v] / sizeof(float); };
-  std::memcpy(at(g_.sample), x, sizeof(float) * batch_ * sample_elems());
+  std::memcpy(at(g_.sample), x, sizeof(float) * run_batch_ * sample_elems());
   for (int v : fold_.tables) {  // the table rows of this step, one per sample
     const std::size_t c = std::size_t(g_.values[v].c);
-    for (int b = 0; b < batch_; ++b) std::memcpy(at(v) + b * c, tables_[v].data() + std::size_t(rows[b]) * c, c * sizeof(float));
+    for (int b = 0; b < run_batch_; ++b) std::memcpy(at(v) + b * c, tables_[v].data() + std::size_t(rows[b]) * c, c * sizeof(float));
   }
   std::vector<const float*> in;
   for (int i : step_fold_.step_nodes) {
@@ -228,7 +281,7 @@ void CpuExecutor::run_step(const float* x, std::span<const int> rows, float* out
     run_step_node(i, in, at(n.output));
     node_timer_(n, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
-  std::memcpy(out, at(g_.output), sizeof(float) * batch_ * out_elems());
+  std::memcpy(out, at(g_.output), sizeof(float) * run_batch_ * out_elems());
 }
 
 namespace {
@@ -246,25 +299,31 @@ void check_forward_args(std::size_t x_size, std::size_t t_size, std::size_t out_
 
 }  // namespace
 
-void CpuExecutor::forward(std::span<const float> x, std::span<const int> t, std::span<float> out) {
+void CpuExecutor::forward(std::span<const float> x, std::span<const int> t, std::span<float> out, const Conditioning& cond) {
   check_forward_args(x.size(), t.size(), out.size(), batch_, sample_elems(), out_elems());
   std::vector<int> distinct(t.begin(), t.end());
   std::sort(distinct.begin(), distinct.end());
   distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
-  build_tables(distinct);
+  const ConditionRows conditions = distinct_conditions(cond, std::size_t(batch_));
+  build_tables(distinct, conditions);
   std::vector<int> rows(static_cast<std::size_t>(batch_));
   for (int b = 0; b < batch_; ++b) {
     const int tb = t.size() == 1 ? t[0] : t[std::size_t(b)];
     rows[std::size_t(b)] = int(std::lower_bound(distinct.begin(), distinct.end(), tb) - distinct.begin());
   }
-  run_step(x.data(), rows, out.data());
+  forward_rows(x.data(), rows, conditions, cond, out.data());
 }
 
 void CpuExecutor::forward_unfolded(std::span<const float> x, std::span<const int> t, std::span<float> out,
-                                   const NodeObserver& observer) {
+                                   const NodeObserver& observer, const Conditioning& cond) {
   check_forward_args(x.size(), t.size(), out.size(), batch_, sample_elems(), out_elems());
   std::vector<std::vector<float>> vals(g_.values.size());
   vals[g_.sample].assign(x.begin(), x.end());
+  if (g_.class_labels >= 0) {
+    if (cond.labels.size() != std::size_t(batch_) * std::size_t(g_.cls.width()))
+      throw Error(ErrorCode::Internal, "forward_unfolded: the class labels do not fit the batch");
+    vals[g_.class_labels] = cond.labels;
+  }
   vals[g_.timestep].resize(std::size_t(batch_));
   for (int b = 0; b < batch_; ++b) vals[g_.timestep][std::size_t(b)] = float(t.size() == 1 ? t[0] : t[std::size_t(b)]);
   std::vector<const float*> in;
@@ -278,7 +337,7 @@ void CpuExecutor::forward_unfolded(std::span<const float> x, std::span<const int
   std::copy(vals[g_.output].begin(), vals[g_.output].end(), out.begin());
 }
 
-std::string CpuExecutor::locate_nonfinite(std::span<const float> x, std::span<const int> t) {
+std::string CpuExecutor::locate_nonfinite(std::span<const float> x, std::span<const int> t, const Conditioning& cond) {
   std::string where;
   try {
     std::vector<float> out(std::size_t(batch_) * out_elems());
@@ -286,7 +345,7 @@ std::string CpuExecutor::locate_nonfinite(std::span<const float> x, std::span<co
       if (!where.empty()) return;
       const std::size_t count = std::size_t(batch_) * std::size_t(v.elements());
       if (first_nonfinite(std::span<const float>(data, count)) != kAllFinite) where = node_location(n.name, graph::to_string(n.op));
-    });
+    }, cond);
   } catch (const Error&) {
     return "";  // only a diagnosis: the caller reports the non-finite value anyway
   } catch (const std::bad_alloc&) {
@@ -296,7 +355,7 @@ std::string CpuExecutor::locate_nonfinite(std::span<const float> x, std::span<co
 }
 
 void CpuExecutor::forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
-                               const Session::NodeOutputCallback& dump) {
+                               const Session::NodeOutputCallback& dump, const Conditioning& cond) {
   forward_unfolded(x, t, out, [&](const Node& n, const graph::Value& v, const float* data) {
     std::vector<std::int64_t> shape{batch_, v.c};
     if (v.kind == Kind::Spatial) {
@@ -304,7 +363,7 @@ void CpuExecutor::forward_dump(std::span<const float> x, std::span<const int> t,
       shape.push_back(v.w);
     }
     dump(n.name, shape, std::span<const float>(data, std::size_t(batch_) * std::size_t(v.elements())));
-  });
+  }, cond);
 }
 
 void CpuExecutor::sample(const SampleJob& job, SampleResult& result) {
@@ -312,7 +371,8 @@ void CpuExecutor::sample(const SampleJob& job, SampleResult& result) {
   if (out_elems() != E)
     throw Error(ErrorCode::Unsupported, "sampling needs a model whose output has the sample's shape (learned variance "
                                         "outputs are not supported)");
-  build_tables(job.timesteps);
+  const ConditionRows conditions = distinct_conditions(job.cond, N);
+  build_tables(job.timesteps, conditions);
   std::vector<float> x(N * E), eps(N * E), x0(E), z(E);
   if (!job.x_T.empty()) std::copy(job.x_T.begin(), job.x_T.end(), x.begin());
   else
@@ -336,11 +396,11 @@ void CpuExecutor::sample(const SampleJob& job, SampleResult& result) {
   };
   for (std::size_t s = 0; s < S; ++s) {
     std::fill(rows.begin(), rows.end(), int(s));
-    run_step(x.data(), rows, eps.data());
+    forward_rows(x.data(), rows, conditions, job.cond, eps.data());
     if (const std::size_t bad = first_nonfinite(eps); bad != kAllFinite) {
       const std::vector<int> t(N, job.timesteps[s]);
       throw Error(ErrorCode::InvalidArgument, step_name(s) + ": the network's output is NaN or infinite at " +
-                                                  element_location(bad, out_elems()) + locate_nonfinite(x, t) +
+                                                  element_location(bad, out_elems()) + locate_nonfinite(x, t, job.cond) +
                                                   nonfinite_hint());
     }
     const DdimStepParams& p = job.steps[s];

@@ -15,6 +15,7 @@
 #include "graph/passes.hpp"
 #include "model_impl.hpp"
 #include "plan/host_plan.hpp"
+#include "sampler/guidance.hpp"
 
 namespace ddim::cpu {
 
@@ -36,9 +37,10 @@ class CpuExecutor final : public Executor {
   CpuExecutor(const ExecutorContext& ctx, const SessionOptions& options);
   ~CpuExecutor() override;
 
-  void forward(std::span<const float> x, std::span<const int> t, std::span<float> out) override;
+  using Executor::forward;
+  void forward(std::span<const float> x, std::span<const int> t, std::span<float> out, const Conditioning& cond) override;
   void forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
-                    const Session::NodeOutputCallback& dump) override;
+                    const Session::NodeOutputCallback& dump, const Conditioning& cond) override;
   void sample(const SampleJob& job, SampleResult& result) override;
   const PlanInfo& plan_info() const override { return info_; }
 
@@ -46,12 +48,13 @@ class CpuExecutor final : public Executor {
   using NodeObserver = std::function<void(const graph::Node&, const graph::Value&, const float* data)>;
   // The forward pass without time-only folding: every node in graph order, each with its own
   // buffer (the reference for the folding test and the source of --dump).
+  // With class labels: cond's labels (the conditional half only; no guidance).
   void forward_unfolded(std::span<const float> x, std::span<const int> t, std::span<float> out,
-                        const NodeObserver& observer = {});
+                        const NodeObserver& observer = {}, const Conditioning& cond = {});
 
   // "; it first appears in the output of node 'conv_in' (conv2d)": the first node whose output
   // holds NaN or Inf for this input (unfolded forward, one buffer per node), or "" if none does.
-  std::string locate_nonfinite(std::span<const float> x, std::span<const int> t);
+  std::string locate_nonfinite(std::span<const float> x, std::span<const int> t, const Conditioning& cond = {});
 
   // Benchmarks (tests/bench/bench_cpu_profile): called after every per-step node of a forward or
   // a sampling step with the node and its wall time. Empty: nothing is timed.
@@ -66,8 +69,12 @@ class CpuExecutor final : public Executor {
   const graph::MemoryPlan& memory_plan() const { return mem_; }  // of step_graph()
 
  private:
-  void build_tables(std::span<const int> timesteps);  // one row per entry
-  void run_step(const float* x, std::span<const int> rows, float* out);
+  // Rows per (entry of timesteps, condition): row s * conditions.count + u.
+  void build_tables(std::span<const int> timesteps, const ConditionRows& conditions);
+  void run_step(const float* x, std::span<const int> rows, float* out);  // run_batch_ samples
+  // One forward of the batch: sample b at table timestep trow[b] with its condition; the guided
+  // output when cond.guided() (a forward of 2N: the conditional half, then the null half).
+  void forward_rows(const float* x, std::span<const int> trow, const ConditionRows& rows, const Conditioning& cond, float* out);
   std::size_t sample_elems() const;
   std::size_t out_elems() const;
 
@@ -97,11 +104,15 @@ class CpuExecutor final : public Executor {
   Isa isa_ = Isa::Portable;
   const KernelSpec* spec_ = nullptr;       // the GEMM kernel of every convolution and attention
   int batch_ = 1;
+  int plan_batch_ = 1;  // the memory plan's batch: 2N for a class-conditional model (guidance)
+  int run_batch_ = 1;   // the batch of the forward in progress (N, or 2N when guided)
+  std::vector<float> x2_, out2_;  // the doubled input and output of a guided forward
   std::vector<float> arena_;
   std::vector<float> scratch_;
   std::unique_ptr<ThreadPool> pool_;
   std::vector<std::vector<float>> tables_;  // per value: rows x C (table values only)
   std::vector<int> table_timesteps_;
+  std::vector<float> table_conditions_;
   PlanInfo info_;
   NodeTimer node_timer_;
 };

@@ -136,8 +136,16 @@ void CudaExecutor::plan() {
   node_of_ = std::move(fused.node_of);
   fusion_ = std::move(fused.fusion);
   fold_ = graph::fold_time_only(g_);
-  mem_ = graph::plan_memory(g_, fold_, options_.batch, dtype_size(dtype_), 256, {g_.sample});
-  arena_ = DeviceBuffer(mem_.arena_bytes, "the activation arena (batch " + std::to_string(options_.batch) + ")");
+  // A class-conditional model may be sampled with classifier-free guidance (a forward of 2N): the
+  // plan holds 2N samples, and every buffer also serves the forward of N.
+  plan_batch_ = guidance_capable() ? 2 * options_.batch : options_.batch;
+  if (plan_batch_ > kMaxBatch)
+    throw Error(ErrorCode::InvalidArgument, "cuda: a class-conditional model's guided forward runs 2 x " +
+                                                std::to_string(options_.batch) + " samples, more than " +
+                                                std::to_string(kMaxBatch) + "; use a batch of at most " +
+                                                std::to_string(kMaxBatch / 2));
+  mem_ = graph::plan_memory(g_, fold_, plan_batch_, dtype_size(dtype_), 256, {g_.sample});
+  arena_ = DeviceBuffer(mem_.arena_bytes, "the activation arena (batch " + std::to_string(plan_batch_) + ")");
   host_weights_.clear();
   {
     // Host fp32 weights of the time-only nodes, indexed like g_ (node_of_ maps to the model graph).
@@ -154,7 +162,11 @@ void CudaExecutor::plan() {
   info_.batch = options_.batch;
   info_.height = ctx_height_ = g_.values[g_.sample].h;
   info_.width = ctx_width_ = g_.values[g_.sample].w;
-  for (int i : fold_.time_nodes) info_.folded_nodes.push_back(g_.nodes[i].name);
+  for (int i : fold_.time_nodes) {
+    info_.folded_nodes.push_back(g_.nodes[i].name);
+    if (fold_.per_label[std::size_t(g_.nodes[i].output)]) info_.folded_per_label.push_back(g_.nodes[i].name);
+  }
+  info_.forward_batch = plan_batch_;
   info_.arena_bytes = mem_.arena_bytes;
   info_.unplanned_bytes = mem_.unplanned_bytes;
   info_.forward_flops = graph::forward_flops(g_, fold_, options_.batch);
@@ -184,12 +196,29 @@ void gemm_rows(cublasHandle_t h, DType t, int M, int N, int K, const void* A, co
 
 }  // namespace
 
+// The step program for a forward of n samples: program_ (the batch) and, for a class-conditional
+// model, program2_ (2x the batch: classifier-free guidance's conditional and null halves).
 void CudaExecutor::build_program() {
-  program_.clear();
-  const int n = options_.batch;
-  const DType t = dtype_;
   std::size_t workspace = 0, attention_scratch = 0;
-  std::vector<std::function<void()>> late;  // ops whose buffers are sized after the loop
+  program_ = build_ops(options_.batch, true, workspace, attention_scratch);
+  program2_.clear();
+  if (guidance_capable()) program2_ = build_ops(2 * options_.batch, false, workspace, attention_scratch);
+  workspace_.reserve(workspace, "the cuDNN workspace");
+  attention_scratch_.reserve(attention_scratch, "the attention q/k/v scratch");
+  // cuBLAS gets its own workspace, so that it never allocates (not allowed inside a capture).
+  cublas_workspace_.reserve(std::size_t(32) << 20, "the cuBLAS workspace");
+  DDIM_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_.get(), cublas_workspace_.bytes()));
+  info_.weight_bytes = weights_->storage.bytes();
+  info_.arena_bytes = mem_.arena_bytes + workspace_.bytes() + attention_scratch_.bytes();
+}
+
+std::vector<CudaExecutor::StepOp> CudaExecutor::build_ops(int n, bool report, std::size_t& workspace,
+                                                           std::size_t& attention_scratch) {
+  std::vector<StepOp> program;
+  const DType t = dtype_;
+  // The plan report lists each fusion once (the 2N program repeats the N program's).
+  std::vector<std::string> unreported;
+  std::vector<std::string>& fusions = report ? info_.fusions : unreported;
   for (int i : fold_.step_nodes) {
     const Node& node = g_.nodes[i];
     const NodeDeviceParams& p = weights_->nodes[std::size_t(node_of_[std::size_t(i)])];
@@ -218,7 +247,7 @@ void CudaExecutor::build_program() {
         if (epi.residual_add) what += " + residual";
         const CudnnConv* conv = nullptr;
         if (!convs_) {
-          info_.fusions.push_back(what + " [direct kernel; cuDNN not used]");
+          fusions.push_back(what + " [direct kernel; cuDNN not used]");
         } else {
           try {
             conv_plans_.push_back(convs_->get(s, t, epi, options_.autotune));
@@ -227,12 +256,12 @@ void CudaExecutor::build_program() {
             throw;  // cuDNN is unusable here: the plan fails (with --device auto: the CPU)
           } catch (const Error& e) {
             if (e.code() != ErrorCode::Unsupported) throw;
-            info_.fusions.push_back(what + " [direct kernel; cuDNN: " + e.what() + "]");
+            fusions.push_back(what + " [direct kernel; cuDNN: " + e.what() + "]");
           }
         }
         if (conv) {
           workspace = std::max(workspace, conv->workspace_bytes());
-          info_.fusions.push_back(what + " [cuDNN " + (conv->fused() ? "fused" : "conv + epilogue kernel") + ", " +
+          fusions.push_back(what + " [cuDNN " + (conv->fused() ? "fused" : "conv + epilogue kernel") + ", " +
                                   conv->engine_description() + "]");
           op.run = [this, conv, x, w = p.weight, b = p.bias, temb, residual, y](cudaStream_t st) {
             conv->run(cudnn_, x, w, b, temb, residual, y, workspace_.get(), st);
@@ -246,7 +275,7 @@ void CudaExecutor::build_program() {
         break;
       }
       case Op::GroupNorm:
-        if (node.silu) info_.fusions.push_back(node.name + ": group_norm + silu");
+        if (node.silu) fusions.push_back(node.name + ": group_norm + silu");
         op.run = [=, gamma = p.gamma, beta = p.beta, groups = node.groups, eps = float(node.eps), silu_after = node.silu,
                   c = xv.c](cudaStream_t st) { group_norm(x, y, t, n, hw, c, groups, eps, gamma, beta, silu_after, st); };
         break;
@@ -308,21 +337,17 @@ void CudaExecutor::build_program() {
         break;
       }
       case Op::TimestepEmbedding:
-        throw Error(ErrorCode::Internal, "cuda: timestep embedding " + node.name + " was not folded into a table");
+      case Op::Embedding:
+        throw Error(ErrorCode::Internal, "cuda: " + std::string(graph::to_string(node.op)) + " node " + node.name +
+                                             " was not folded into a table");
     }
-    program_.push_back(std::move(op));
+    program.push_back(std::move(op));
   }
-  workspace_.reserve(workspace, "the cuDNN workspace");
-  attention_scratch_.reserve(attention_scratch, "the attention q/k/v scratch");
-  // cuBLAS gets its own workspace, so that it never allocates (not allowed inside a capture).
-  cublas_workspace_.reserve(std::size_t(32) << 20, "the cuBLAS workspace");
-  DDIM_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_.get(), cublas_workspace_.bytes()));
-  info_.weight_bytes = weights_->storage.bytes();
-  info_.arena_bytes = mem_.arena_bytes + workspace_.bytes() + attention_scratch_.bytes();
+  return program;
 }
 
-void CudaExecutor::run_forward_ops(cudaStream_t stream) {
-  for (const StepOp& op : program_) {
+void CudaExecutor::run_forward_ops(cudaStream_t stream, bool doubled) {
+  for (const StepOp& op : doubled ? program2_ : program_) {
     if (options_.profile) {
       NvtxRange range(op.name.c_str());
       op.run(stream);
@@ -409,10 +434,12 @@ void CudaExecutor::set_stream(void* cuda_stream) {
   });
 }
 
-void CudaExecutor::upload_tables(std::span<const int> timesteps) {
-  if (table_timesteps_.size() == timesteps.size() && std::equal(timesteps.begin(), timesteps.end(), table_timesteps_.begin()))
+void CudaExecutor::upload_tables(std::span<const int> timesteps, const ConditionRows& conditions) {
+  const std::vector<float>& c = conditions.conditions;
+  if (table_timesteps_.size() == timesteps.size() && std::equal(timesteps.begin(), timesteps.end(), table_timesteps_.begin()) &&
+      table_conditions_.size() == c.size() && (c.empty() || std::memcmp(c.data(), table_conditions_.data(), c.size() * 4) == 0))
     return;
-  const std::vector<std::vector<float>> host = plan::evaluate_time_tables(g_, fold_, host_weights_, timesteps);
+  const std::vector<std::vector<float>> host = plan::evaluate_time_tables(g_, fold_, host_weights_, timesteps, c);
   tables_.resize(g_.values.size());
   std::vector<std::pair<std::span<const float>, void*>> pieces;
   for (int v : fold_.tables) {
@@ -421,15 +448,16 @@ void CudaExecutor::upload_tables(std::span<const int> timesteps) {
   }
   upload_converted(pieces);
   table_timesteps_.assign(timesteps.begin(), timesteps.end());
+  table_conditions_ = c;
 }
 
-void CudaExecutor::forward(std::span<const float> x, std::span<const int> t, std::span<float> out) {
-  forward_impl(x, t, out, nullptr);
+void CudaExecutor::forward(std::span<const float> x, std::span<const int> t, std::span<float> out, const Conditioning& cond) {
+  forward_impl(x, t, out, nullptr, cond);
 }
 
 void CudaExecutor::forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
-                                const Session::NodeOutputCallback& dump) {
-  forward_impl(x, t, out, &dump);
+                                const Session::NodeOutputCallback& dump, const Conditioning& cond) {
+  forward_impl(x, t, out, &dump, cond);
 }
 
 // With `dump`: the time tables the step reads (computed on the host, fp32), then every step
@@ -437,9 +465,15 @@ void CudaExecutor::forward_dump(std::span<const float> x, std::span<const int> t
 // after each. A convolution with a fused add reports under the add's name (its own output never
 // exists); the other time-only nodes are not reported.
 void CudaExecutor::forward_impl(std::span<const float> x, std::span<const int> t, std::span<float> out,
-                                const Session::NodeOutputCallback* dump) {
+                                const Session::NodeOutputCallback* dump, const Conditioning& cond) {
   guarded("forward", [&] {
     const int n = options_.batch;
+    // Guided: 2N samples (the conditional half, then the null half of the same x), combined into
+    // the first N before the output is read.
+    const bool guided = cond.guided();
+    if (guided && dump) throw Error(ErrorCode::Internal, "cuda: a dumped forward takes no guidance");
+    const int fb = guided ? 2 * n : n;
+    const ConditionRows conditions = distinct_conditions(cond, std::size_t(n));
     const graph::Value& sv = g_.values[g_.sample];
     const graph::Value& ov = g_.values[g_.output];
     const std::size_t in_elems = std::size_t(sv.elements()), out_elems = std::size_t(ov.elements());
@@ -450,17 +484,20 @@ void CudaExecutor::forward_impl(std::span<const float> x, std::span<const int> t
     std::vector<int> distinct(t.begin(), t.end());
     std::sort(distinct.begin(), distinct.end());
     distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
-    const std::vector<std::vector<float>> host = plan::evaluate_time_tables(g_, fold_, host_weights_, distinct);
-    // Table rows per sample, straight into the arena.
+    const std::vector<std::vector<float>> host =
+        plan::evaluate_time_tables(g_, fold_, host_weights_, distinct, conditions.conditions);
+    // Table rows per sample (row = timestep index * U + condition), straight into the arena.
+    const std::size_t U = conditions.count;
     std::vector<std::vector<float>> rows;
     std::vector<std::pair<std::span<const float>, void*>> pieces;
     for (int v : fold_.tables) {
       const std::size_t c = std::size_t(g_.values[v].c);
-      std::vector<float>& r = rows.emplace_back(std::size_t(n) * c);
-      for (int b = 0; b < n; ++b) {
-        const int tb = t.size() == 1 ? t[0] : t[std::size_t(b)];
-        const std::size_t row = std::size_t(std::lower_bound(distinct.begin(), distinct.end(), tb) - distinct.begin());
-        std::copy_n(host[v].data() + row * c, c, r.data() + std::size_t(b) * c);
+      std::vector<float>& r = rows.emplace_back(std::size_t(fb) * c);
+      for (int b = 0; b < fb; ++b) {
+        const int tb = t.size() == 1 ? t[0] : t[std::size_t(b % n)];
+        const std::size_t ti = std::size_t(std::lower_bound(distinct.begin(), distinct.end(), tb) - distinct.begin());
+        const std::size_t u = std::size_t(b < n ? conditions.of_sample[std::size_t(b)] : conditions.null_index);
+        std::copy_n(host[v].data() + (ti * U + u) * c, c, r.data() + std::size_t(b) * c);
       }
     }
     for (std::size_t i = 0; i < fold_.tables.size(); ++i) pieces.emplace_back(rows[i], value_ptr(fold_.tables[i]));
@@ -473,7 +510,14 @@ void CudaExecutor::forward_impl(std::span<const float> x, std::span<const int> t
     staging_.reserve(std::max(x.size(), out.size()) * 4, "the host-layout staging buffer");
     DDIM_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), x.data(), x.size() * 4, cudaMemcpyHostToDevice, stream_));
     nchw_f32_to_nhwc(staging_.as<float>(), value_ptr(g_.sample), dtype_, n, sv.c, sv.h * sv.w, stream_);
-    if (!dump) {
+    if (guided) {
+      const std::size_t half = std::size_t(n) * in_elems * dtype_size(dtype_);
+      DDIM_CUDA_CHECK(cudaMemcpyAsync(static_cast<unsigned char*>(value_ptr(g_.sample)) + half, value_ptr(g_.sample), half,
+                                      cudaMemcpyDeviceToDevice, stream_));
+      run_forward_ops(stream_, true);
+      cfg_combine(value_ptr(g_.output), dtype_, n, out_elems, float(cond.guidance_scale), float(cond.guidance_rescale),
+                  stream_);
+    } else if (!dump) {
       run_forward_ops(stream_);
     } else {
       std::size_t largest = 0;
@@ -536,6 +580,7 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
       const bool ready = params_.bytes() >= S * sizeof(DdimStepParams) && seeds_.bytes() >= std::size_t(n) * 8 &&
                          step_index_.bytes() >= sizeof(int) && x_.bytes() >= NE * 4 &&
                          std::equal(job.timesteps.begin(), job.timesteps.end(), table_timesteps_.begin(), table_timesteps_.end()) &&
+                         distinct_conditions(job.cond, std::size_t(n)).conditions == table_conditions_ &&
                          (!thresholding || threshold_buffer_.bytes() >= threshold_bytes) &&
                          (!job.output_session_precision || dtype_ == DType::F32 || output_.bytes() >= NE * 4);
       if (!ready)
@@ -551,7 +596,28 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
     if (seeds_.reserve(std::size_t(n) * 8, "the seeds")) step_graph_valid_ = false;
     copy_from_host_inline(seeds_.get(), job.seeds.data(), std::size_t(n) * 8, stream_);
     if (step_index_.reserve(sizeof(int), "the step counter")) step_graph_valid_ = false;
-    upload_tables(job.timesteps);
+    // Class-conditional models: tables per (step, condition) and each sample's row per step (the
+    // null half's rows after the conditional half's when guided).
+    const ConditionRows conditions = distinct_conditions(job.cond, std::size_t(n));
+    const bool conditional = job.cond.width > 0, guided = job.cond.guided();
+    upload_tables(job.timesteps, conditions);
+    if (conditional) {
+      const int stride = 2 * n;
+      std::vector<int> rows(S * std::size_t(stride), 0);
+      for (std::size_t st = 0; st < S; ++st)
+        for (int b = 0; b < stride; ++b) {
+          const int u = b < n ? conditions.of_sample[std::size_t(b)] : guided ? conditions.null_index : 0;
+          rows[st * std::size_t(stride) + std::size_t(b)] = int(st * conditions.count + std::size_t(u));
+        }
+      if (rows != rows_uploaded_) {
+        if (in_caller_capture)
+          throw Error(ErrorCode::InvalidArgument, "sample_async inside the caller's CUDA graph capture would upload new class "
+                                                  "labels: make one call with the same options outside the capture first");
+        if (rows_.reserve(rows.size() * sizeof(int), "the per-sample table rows")) step_graph_valid_ = false;
+        DDIM_CUDA_CHECK(cudaMemcpyAsync(rows_.get(), rows.data(), rows.size() * sizeof(int), cudaMemcpyHostToDevice, stream_));
+        rows_uploaded_ = std::move(rows);
+      }
+    }
     const float* noise = job.noise_device;
     if (!job.noise.empty()) {
       if (noise_.reserve(job.noise.size() * 4, "the caller's per-step noise")) step_graph_valid_ = false;
@@ -594,9 +660,25 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
     void* scratch = thresholding ? tb + (NE * 4 + 255) / 256 * 256 + (std::size_t(n) * 4 + 255) / 256 * 256 : nullptr;
     StepLaunch launch{n, c, hw, params_.as<DdimStepParams>(), step_index_.as<int>(), seeds_.as<std::uint64_t>(), noise,
                       x_.as<float>(), value_ptr(g_.output), x0_all, trajectory, value_ptr(g_.sample), bounds};
+    const std::size_t sample_bytes = NE * dtype_size(dtype_);
     const auto enqueue_step = [&](cudaStream_t st) {
-      for (int v : fold_.tables) gather_rows(tables_[v].get(), step_index_.as<int>(), value_ptr(v), dtype_, n, g_.values[v].c, st);
-      run_forward_ops(st);
+      if (!conditional) {
+        for (int v : fold_.tables) gather_rows(tables_[v].get(), step_index_.as<int>(), value_ptr(v), dtype_, n, g_.values[v].c, st);
+        run_forward_ops(st);
+      } else {
+        const int fb = guided ? 2 * n : n;
+        for (int v : fold_.tables)
+          gather_rows_indexed(tables_[v].get(), rows_.as<int>(), 2 * n, step_index_.as<int>(), value_ptr(v), dtype_, fb,
+                              g_.values[v].c, st);
+        if (guided) {  // the null half reads the same x_t
+          DDIM_CUDA_CHECK(cudaMemcpyAsync(static_cast<unsigned char*>(value_ptr(g_.sample)) + sample_bytes, value_ptr(g_.sample),
+                                          sample_bytes, cudaMemcpyDeviceToDevice, st));
+          run_forward_ops(st, true);
+          cfg_combine(value_ptr(g_.output), dtype_, n, E, float(job.cond.guidance_scale), float(job.cond.guidance_rescale), st);
+        } else {
+          run_forward_ops(st);
+        }
+      }
       if (thresholding) {
         ddim_pred_x0_all(launch, dtype_, x0_unclipped, st);
         dynamic_thresholds(x0_unclipped, n, E, job.dynamic_thresholding_ratio, job.sample_max_value, bounds, scratch,
@@ -607,7 +689,10 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
     };
     // The step graph is captured once and replayed; recaptured only when a buffer it uses moved
     // or the optional outputs changed.
-    const std::vector<const void*> key{noise, x0_all, trajectory, bounds};
+    const std::vector<const void*> key{noise, x0_all, trajectory, bounds, conditional ? rows_.get() : nullptr,
+                                       guided ? this : nullptr};
+    const std::pair<double, double> guidance_key{job.cond.guidance_scale, job.cond.guidance_rescale};
+    if (guided && guidance_key != captured_guidance_) step_graph_valid_ = false;
     const std::pair<double, double> threshold_key{job.dynamic_thresholding_ratio, job.sample_max_value};
     if (thresholding && threshold_key != captured_threshold_) step_graph_valid_ = false;
     // Whole-loop graph (SessionOptions::whole_loop_graph, without a progress callback): all S
@@ -640,6 +725,7 @@ void CudaExecutor::sample(const SampleJob& job, SampleResult& result) {
       step_graph_ = exec;
       captured_with_ = key;
       captured_threshold_ = threshold_key;
+      captured_guidance_ = guidance_key;
       captured_repeats_ = repeats;
       step_graph_valid_ = true;
     };

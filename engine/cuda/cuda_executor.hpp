@@ -20,6 +20,7 @@
 
 #include "backend.hpp"
 #include "plan/host_plan.hpp"
+#include "sampler/guidance.hpp"
 #include "cuda/device_memory.hpp"
 #include "cuda/kernels.hpp"
 #include "graph/passes.hpp"
@@ -35,9 +36,10 @@ class CudaExecutor final : public Executor {
   CudaExecutor(const ExecutorContext& ctx, const SessionOptions& options);
   ~CudaExecutor() override;
 
-  void forward(std::span<const float> x, std::span<const int> t, std::span<float> out) override;
+  using Executor::forward;
+  void forward(std::span<const float> x, std::span<const int> t, std::span<float> out, const Conditioning& cond) override;
   void forward_dump(std::span<const float> x, std::span<const int> t, std::span<float> out,
-                    const Session::NodeOutputCallback& dump) override;
+                    const Session::NodeOutputCallback& dump, const Conditioning& cond) override;
   void sample(const SampleJob& job, SampleResult& result) override;
   const PlanInfo& plan_info() const override { return info_; }
   void set_stream(void* cuda_stream) override;
@@ -53,11 +55,15 @@ class CudaExecutor final : public Executor {
   void open_cudnn();
   void release() noexcept;
   void forward_impl(std::span<const float> x, std::span<const int> t, std::span<float> out,
-                    const Session::NodeOutputCallback* dump);
+                    const Session::NodeOutputCallback* dump, const Conditioning& cond);
   void plan();
   void build_program();
-  void run_forward_ops(cudaStream_t stream);  // the step program (eager), NVTX range per op in profile mode
-  void upload_tables(std::span<const int> timesteps);
+  std::vector<StepOp> build_ops(int n, bool report, std::size_t& workspace, std::size_t& attention_scratch);
+  // The step program (eager), NVTX range per op in profile mode; doubled: the 2N program (guidance).
+  void run_forward_ops(cudaStream_t stream, bool doubled = false);
+  // The folded tables for these timesteps and conditions (row s * conditions.count + u).
+  void upload_tables(std::span<const int> timesteps, const ConditionRows& conditions);
+  bool guidance_capable() const { return g_.class_labels >= 0; }
   // Throws InvalidArgument unless p is device memory of this executor's device.
   void check_device_pointer(const void* p, const char* what) const;
   void upload_converted(const std::vector<std::pair<std::span<const float>, void*>>& pieces);
@@ -92,6 +98,12 @@ class CudaExecutor final : public Executor {
   std::vector<DeviceBuffer> tables_;  // per value: (rows, C) of the element type
   std::vector<int> table_timesteps_;
   std::vector<StepOp> program_;
+  std::vector<StepOp> program2_;      // class-conditional models: the program for 2N samples
+  int plan_batch_ = 0;                // the memory plan's batch: N, or 2N for a class-conditional model
+  std::vector<float> table_conditions_;  // the conditions table_timesteps_'s tables were made for
+  DeviceBuffer rows_;                 // class-conditional models: (S, 2N) table rows per step and sample
+  std::vector<int> rows_uploaded_;    // what rows_ holds
+  std::pair<double, double> captured_guidance_{1, 0};  // (scale, rescale) in the captured graph
 
   std::vector<graph::ConvFusion> fusion_;  // per node of g_: the adds merged into a convolution
   int ctx_height_ = 0, ctx_width_ = 0;

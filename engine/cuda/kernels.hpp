@@ -134,5 +134,16 @@ void bias_divide_rows(void* y, DType t, std::size_t rows, int cols, const float*
 // The folded time tables (one row per step, graph/passes.hpp) feed each step's forward:
 // y[b, :] = table[*step_index, :] for every sample b < n; table (S, c), y (n, c), both of type t.
 void gather_rows(const void* table, const int* step_index, void* y, DType t, int n, int c, cudaStream_t stream);
+// Class-conditional models: y (n, c) = table rows rows[*step_index * stride + b] (b < n); rows
+// (S, stride) int32, table (rows, c) of type t.
+void gather_rows_indexed(const void* table, const int* rows, int stride, const int* step_index, void* y, DType t, int n,
+                         int c, cudaStream_t stream);
+// Classifier-free guidance (kernels/cfg.h): out (2n, e) of type t holds the conditional outputs
+// (samples 0..n-1) and the null outputs (n..2n-1); samples 0..n-1 become u + w (c - u), then with
+// rescale > 0 diffusers' rescale_noise_cfg (unbiased std over each sample's e values, accumulated
+// in double; ratio 1 for a guided output with zero spread or e < 2). One block per sample.
+void cfg_combine(void* out, DType t, int n, std::size_t e, float scale, float rescale, cudaStream_t stream);
+// Loads the two kernels above for element type t (load_sampling_kernels calls it).
+void load_guidance_kernels(DType t);
 
 }  // namespace ddim::cuda

@@ -107,7 +107,9 @@ json schedule_to_json(const ScheduleConfig& c, const std::optional<std::string>&
 
 std::map<std::string, std::string> make_metadata(const json& graph, const ScheduleConfig& schedule,
                                                  const std::optional<std::string>& alphas_tensor) {
-  return {{"ddim.format_version", std::to_string(kFormatVersion)},
+  const bool conditional = graph.is_object() && graph.contains("inputs") && graph["inputs"].is_object() &&
+                           graph["inputs"].contains("class_labels");
+  return {{"ddim.format_version", conditional ? "2" : "1"},
           {"ddim.graph", graph.dump()},
           {"ddim.schedule", schedule_to_json(schedule, alphas_tensor).dump()}};
 }

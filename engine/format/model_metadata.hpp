@@ -10,7 +10,9 @@
 
 namespace ddim::format {
 
-inline constexpr int kFormatVersion = 1;
+// Version 2 adds the graph input `class_labels` and the op `embedding` (class-conditional
+// models); writers emit 1 for every other file, so older readers keep loading those.
+inline constexpr int kFormatVersion = 2;
 
 // The schedule JSON object, every key optional (defaults: diffusers' DDIMScheduler). An
 // explicit table is named by "alphas_cumprod": "<tensor name>" (F32 or F64, shape [T]); its

@@ -48,6 +48,7 @@ const std::vector<OpSpec>& op_specs() {
       {Op::Attention, "attention", 1, 2, {"heads", "inner_dim", "scale", "rescale_output_factor"},
        {"q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "out_weight", "out_bias"},
        {"q_weight", "k_weight", "v_weight", "out_weight"}},
+      {Op::Embedding, "embedding", 1, 1, {"num_embeddings", "dim"}, {"weight"}, {"weight"}},
   };
   return specs;
 }
@@ -137,6 +138,73 @@ const char* to_string(Op op) noexcept {
   return "?";
 }
 
+const char* to_string(ClassKind k) noexcept {
+  switch (k) {
+    case ClassKind::None: return "none";
+    case ClassKind::Index: return "index";
+    case ClassKind::Scalar: return "scalar";
+    case ClassKind::Vector: return "vector";
+  }
+  return "?";
+}
+
+namespace {
+
+// The declaration of the optional input `class_labels`:
+//   {"kind": "index", "num_classes": K [, "null": label]}   integer labels in [0, K)
+//   {"kind": "scalar" [, "null": value]}                      one real number per sample
+//   {"kind": "vector", "dim": D [, "null": [D numbers]]}      D numbers per sample
+ClassInput parse_class_input(const json& j) {
+  const std::string who = "input 'class_labels'";
+  if (!j.is_object()) fail(who + " must be an object {kind, ...}");
+  auto kind_it = j.find("kind");
+  if (kind_it == j.end() || !kind_it->is_string()) fail(who + " needs a string 'kind' (index, scalar or vector)");
+  ClassInput c;
+  const std::string kind = kind_it->get<std::string>();
+  std::set<std::string> allowed{"kind", "null"};
+  if (kind == "index") {
+    c.kind = ClassKind::Index;
+    allowed.insert("num_classes");
+  } else if (kind == "scalar") {
+    c.kind = ClassKind::Scalar;
+  } else if (kind == "vector") {
+    c.kind = ClassKind::Vector;
+    allowed.insert("dim");
+  } else {
+    fail(who + " has unknown kind '" + kind + "' (expected index, scalar or vector)");
+  }
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (!allowed.count(it.key())) fail(who + " (kind " + kind + ") has unknown key '" + it.key() + "'");
+  const std::string name = "class_labels";
+  Attrs a(&j, name);
+  if (c.kind == ClassKind::Index) c.num_classes = a.integer("num_classes", std::nullopt, 1);
+  if (c.kind == ClassKind::Vector) c.dim = a.integer("dim", std::nullopt, 1);
+  if (c.num_classes > (1 << 24) || c.dim > (1 << 24)) fail(who + ": num_classes and dim must be at most 2^24");
+  auto null_it = j.find("null");
+  if (null_it == j.end()) return c;
+  auto finite_float = [&](const json& v) {
+    if (!v.is_number()) fail(who + " 'null' must hold numbers, got " + format::detail::short_json(v));
+    const double x = v.get<double>();
+    if (!std::isfinite(x) || std::fabs(x) > 3.0e38) fail(who + " 'null' must be finite float32 values");
+    return float(x);
+  };
+  if (c.kind == ClassKind::Vector) {
+    if (!null_it->is_array() || int(null_it->size()) != c.dim)
+      fail(who + " 'null' must be a list of dim = " + std::to_string(c.dim) + " numbers");
+    for (const auto& v : *null_it) c.null.push_back(finite_float(v));
+  } else if (c.kind == ClassKind::Index) {
+    if (!null_it->is_number_integer() || null_it->get<std::int64_t>() < 0 || null_it->get<std::int64_t>() >= c.num_classes)
+      fail(who + " 'null' must be an integer label in [0, num_classes = " + std::to_string(c.num_classes) + "), got " +
+           format::detail::short_json(*null_it));
+    c.null.push_back(float(null_it->get<std::int64_t>()));
+  } else {
+    c.null.push_back(finite_float(*null_it));
+  }
+  return c;
+}
+
+}  // namespace
+
 const std::string* Node::param(const std::string& role) const {
   for (const auto& p : params)
     if (p.role == role) return &p.tensor;
@@ -157,12 +225,13 @@ Graph parse_graph(const json& j) {
   Graph g;
   std::map<std::string, int> index;
 
-  // Inputs: exactly `sample` (channels, height, width) and `timestep` ({}).
+  // Inputs: exactly `sample` (channels, height, width) and `timestep` ({}), and optionally
+  // `class_labels` (parse_class_input).
   auto inputs = j.find("inputs");
   if (inputs == j.end() || !inputs->is_object()) fail("'inputs' must be an object with 'sample' and 'timestep'");
   for (auto it = inputs->begin(); it != inputs->end(); ++it)
-    if (it.key() != "sample" && it.key() != "timestep")
-      fail("unknown input '" + it.key() + "' (the inputs are 'sample' and 'timestep')");
+    if (it.key() != "sample" && it.key() != "timestep" && it.key() != "class_labels")
+      fail("unknown input '" + it.key() + "' (the inputs are 'sample', 'timestep' and optionally 'class_labels')");
   auto sample = inputs->find("sample");
   if (sample == inputs->end() || !sample->is_object()) fail("input 'sample' must be declared as {channels, height, width}");
   for (auto it = sample->begin(); it != sample->end(); ++it)
@@ -182,6 +251,13 @@ Graph parse_graph(const json& j) {
   g.timestep = 1;
   index["sample"] = 0;
   index["timestep"] = 1;
+  if (auto cl = inputs->find("class_labels"); cl != inputs->end()) {
+    g.cls = parse_class_input(*cl);
+    g.class_labels = int(g.values.size());
+    const bool vec = g.cls.kind == ClassKind::Vector;
+    g.values.push_back({"class_labels", vec ? Kind::Vector : Kind::Timestep, vec ? g.cls.dim : 0, 0, 0, -1});
+    index["class_labels"] = g.class_labels;
+  }
 
   auto nodes = j.find("nodes");
   if (nodes == j.end() || !nodes->is_array() || nodes->empty()) fail("'nodes' must be a non-empty array");
@@ -292,6 +368,16 @@ Graph parse_graph(const json& j) {
         n.divisor = a.number("rescale_output_factor", 1.0);
         if (n.divisor == 0) fail("node '" + n.name + "': rescale_output_factor must not be 0");
         break;
+      case Op::Embedding:
+        n.num_embeddings = a.integer("num_embeddings", std::nullopt, 1);
+        n.dim = a.integer("dim", std::nullopt, 1);
+        if (n.num_embeddings > (1 << 24)) fail("node '" + n.name + "': num_embeddings must be at most 2^24");
+        if (n.inputs[0] != g.class_labels || g.cls.kind != ClassKind::Index)
+          fail("node '" + n.name + "' (embedding) must read the input 'class_labels' declared with kind 'index'");
+        if (n.num_embeddings != g.cls.num_classes)
+          fail("node '" + n.name + "': num_embeddings " + std::to_string(n.num_embeddings) +
+               " differs from the input's num_classes " + std::to_string(g.cls.num_classes));
+        break;
       default: break;
     }
     n.output = static_cast<int>(g.values.size());
@@ -337,6 +423,10 @@ void infer_shapes(Graph& g, int height, int width) {
       case Op::Linear:
         need(0, Kind::Vector);
         out = {n.name, Kind::Vector, n.out_features, 0, 0, out.producer};
+        break;
+      case Op::Embedding:
+        need(0, Kind::Timestep);
+        out = {n.name, Kind::Vector, n.dim, 0, 0, out.producer};
         break;
       case Op::Conv2d: {
         need(0, Kind::Spatial);
@@ -437,6 +527,7 @@ std::vector<ParamRequirement> param_requirements(const Graph& g) {
         add("weight", {{n.out_features, x.c}});
         add("bias", {{n.out_features}});
         break;
+      case Op::Embedding: add("weight", {{n.num_embeddings, n.dim}}); break;
       case Op::Conv2d:
         add("weight", {{n.out_channels, x.c, n.kernel_h, n.kernel_w}});
         add("bias", {{n.out_channels}});

@@ -13,11 +13,27 @@ namespace ddim::graph {
 
 enum class Op {
   TimestepEmbedding, Linear, Conv2d, GroupNorm, Silu, Add, Scale, Concat, UpsampleNearest2x, AvgPool2x, Attention,
+  Embedding,
 };
 const char* to_string(Op) noexcept;
 
-// Batch-free shapes: Timestep is one scalar per sample, Vector is (C), Spatial is (C, H, W).
+// Batch-free shapes: Timestep is one scalar per sample (the timestep, or an index / scalar class
+// label), Vector is (C), Spatial is (C, H, W).
 enum class Kind { Timestep, Vector, Spatial };
+
+// The optional graph input `class_labels` (weights/FORMAT.md, format version 2): an integer label
+// per sample read by an `embedding` table (Index), a scalar per sample (Scalar: diffusers'
+// class_embed_type "timestep"), or a caller-supplied vector of `dim` values (Vector: "identity").
+enum class ClassKind { None, Index, Scalar, Vector };
+const char* to_string(ClassKind) noexcept;
+struct ClassInput {
+  ClassKind kind = ClassKind::None;
+  int num_classes = 0;      // Index: labels are integers in [0, num_classes)
+  int dim = 0;              // Vector: values per sample
+  std::vector<float> null;  // the unconditional ("null") input the exporter recorded: 1 value
+                            // (Index, Scalar) or dim values (Vector); empty when none was recorded
+  int width() const { return kind == ClassKind::None ? 0 : kind == ClassKind::Vector ? dim : 1; }
+};
 
 struct Value {
   std::string name;
@@ -58,6 +74,7 @@ struct Node {
   int heads = 1;                           // attention
   int inner_dim = 0;                       // attention: d = heads * head_dim (from attrs or = C)
   std::optional<double> attn_scale;        // attention: default 1/sqrt(head_dim)
+  int num_embeddings = 0;                  // embedding: rows of the table (dim: its width)
 
   const std::string* param(const std::string& role) const;  // nullptr when absent
 };
@@ -67,6 +84,8 @@ struct Graph {
   std::vector<Node> nodes;
   int sample = -1;    // value index of input "sample"
   int timestep = -1;  // value index of input "timestep"
+  int class_labels = -1;  // value index of input "class_labels" (-1: an unconditional model)
+  ClassInput cls;         // its declaration
   int output = -1;
   int in_channels = 0, height = 0, width = 0;  // declared sample shape
 

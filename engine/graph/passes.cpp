@@ -9,17 +9,34 @@ namespace ddim::graph {
 
 TimeFolding fold_time_only(const Graph& g) {
   const std::size_t nv = g.values.size();
-  std::vector<char> dep_time(nv, 0), dep_sample(nv, 0);
+  std::vector<char> dep_time(nv, 0), dep_sample(nv, 0), dep_label(nv, 0);
   dep_time[g.timestep] = 1;
   dep_sample[g.sample] = 1;
-  for (const Node& n : g.nodes)
-    for (int i : n.inputs) {
-      dep_time[n.output] |= dep_time[i];
-      dep_sample[n.output] |= dep_sample[i];
-    }
+  if (g.class_labels >= 0) dep_time[g.class_labels] = dep_label[g.class_labels] = 1;
+  // Until nothing changes: a fused graph (fuse_conv_adds) may read a value produced by a later
+  // node (a convolution that took over its time-embedding add reads that add's projection).
+  for (bool changed = true; changed;) {
+    changed = false;
+    for (const Node& n : g.nodes)
+      for (int i : n.inputs) {
+        const char t = dep_time[n.output] | dep_time[i], s = dep_sample[n.output] | dep_sample[i],
+                   l = dep_label[n.output] | dep_label[i];
+        changed |= t != dep_time[n.output] || s != dep_sample[n.output] || l != dep_label[n.output];
+        dep_time[n.output] = t;
+        dep_sample[n.output] = s;
+        dep_label[n.output] = l;
+      }
+  }
   TimeFolding f;
   f.time_only.assign(nv, 0);
-  for (std::size_t v = 0; v < nv; ++v) f.time_only[v] = dep_time[v] && !dep_sample[v];
+  f.per_label.assign(nv, 0);
+  for (std::size_t v = 0; v < nv; ++v) {
+    f.time_only[v] = dep_time[v] && !dep_sample[v];
+    f.per_label[v] = f.time_only[v] && dep_label[v];
+  }
+  if (g.class_labels >= 0 && !dep_label[g.output])
+    throw Error(ErrorCode::InvalidFile, "graph: the output '" + g.values[g.output].name +
+                                            "' does not depend on the input 'class_labels' (re-export the model)");
   if (!dep_sample[g.output])
     throw Error(ErrorCode::InvalidFile, "graph: the output '" + g.values[g.output].name +
                                             "' does not depend on the input 'sample' (re-export the model)");

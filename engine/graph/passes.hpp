@@ -7,12 +7,15 @@
 
 namespace ddim::graph {
 
-// Time-only folding. A value is time-only when it depends on the `timestep` input and not on
-// `sample` (the sinusoidal embedding, the time MLP, every resnet's time projection). Those nodes
-// are evaluated once per set of timesteps (a sampling schedule, an inversion, one forward) into
-// tables with one row per timestep; the per-step forward starts from table rows.
+// Time-only (conditioning-only) folding. A value is time-only when it depends on the `timestep`
+// input or the `class_labels` input and not on `sample` (the sinusoidal embedding, the time MLP,
+// the class embedding added to it, every resnet's time projection). Those nodes are evaluated once
+// per set of timesteps (a sampling schedule, an inversion, one forward) and distinct conditions
+// into tables with one row per (timestep, condition); the per-step forward starts from table rows.
+// An unconditional graph has one condition: one row per timestep.
 struct TimeFolding {
   std::vector<char> time_only;   // per value
+  std::vector<char> per_label;   // per value: time-only and depends on class_labels
   std::vector<int> time_nodes;   // evaluated into tables, in graph order
   std::vector<int> step_nodes;   // evaluated every step, in graph order
   std::vector<int> tables;       // time-only values that per-step nodes read (the table values)

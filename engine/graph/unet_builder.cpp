@@ -130,6 +130,34 @@ BuiltUNet build_unet2d(const UNetConfig& c) {
   t = b.linear("time_embedding.linear_1", t, ch0, temb_c);
   t = b.node("time_embedding.act", "silu", {t});
   t = b.linear("time_embedding.linear_2", t, temb_c, temb_c);
+  json class_input;
+  if (c.class_kind != ClassKind::None) {
+    std::string ce;
+    if (c.class_kind == ClassKind::Index) {
+      if (c.num_classes < 1) throw Error(ErrorCode::InvalidArgument, "unet: num_classes must be at least 1");
+      class_input = {{"kind", "index"}, {"num_classes", c.num_classes}};
+      json p = json::object();
+      b.param("class_embedding", "weight", "weight", {c.num_classes, temb_c}, p);
+      ce = b.node("class_embedding", "embedding", {"class_labels"}, {{"num_embeddings", c.num_classes}, {"dim", temb_c}}, p);
+    } else if (c.class_kind == ClassKind::Scalar) {
+      class_input = {{"kind", "scalar"}};
+      // diffusers applies the same time_proj module to the labels.
+      ce = b.node("class_proj", "timestep_embedding", {"class_labels"},
+                  {{"dim", ch0}, {"flip_sin_to_cos", c.flip_sin_to_cos}, {"freq_shift", c.freq_shift}});
+      ce = b.linear("class_embedding.linear_1", ce, ch0, temb_c);
+      ce = b.node("class_embedding.act", "silu", {ce});
+      ce = b.linear("class_embedding.linear_2", ce, temb_c, temb_c);
+    } else {
+      class_input = {{"kind", "vector"}, {"dim", temb_c}};
+      ce = "class_labels";
+    }
+    if (!c.class_null.empty()) {
+      if (c.class_kind == ClassKind::Vector) class_input["null"] = c.class_null;
+      else if (c.class_kind == ClassKind::Index) class_input["null"] = int(c.class_null[0]);
+      else class_input["null"] = c.class_null[0];
+    }
+    t = b.node("class_embedding.add", "add", {t, ce});
+  }
   // Every ResnetBlock2D applies SiLU to the embedding first; one shared node computes it.
   const std::string temb = b.node("time_embedding.silu_out", "silu", {t});
 
@@ -195,6 +223,7 @@ BuiltUNet build_unet2d(const UNetConfig& c) {
                            {"timestep", json::object()}}},
                {"output", x},
                {"nodes", std::move(b.nodes)}};
+  if (!class_input.is_null()) out.graph["inputs"]["class_labels"] = class_input;
   out.params = std::move(b.params);
   return out;
 }

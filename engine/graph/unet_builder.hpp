@@ -13,6 +13,7 @@
 
 #include "ddim/schedule.hpp"
 #include "format/container.hpp"
+#include "graph/ir.hpp"
 
 namespace ddim::graph {
 
@@ -32,6 +33,14 @@ struct UNetConfig {
   bool center_input_sample = false;
   double mid_block_scale_factor = 1.0;
   bool add_attention = true;
+  // Class conditioning (diffusers' class_embed_type / num_class_embeds), added to the time
+  // embedding: Index = nn.Embedding(num_classes, 4 ch0) (class_embed_type None with
+  // num_class_embeds), Scalar = "timestep" (the labels through the time projection and a
+  // TimestepEmbedding MLP), Vector = "identity" (the caller's 4 ch0 values). class_null: the
+  // unconditional input recorded in the file (1 value, or 4 ch0 values; empty: none).
+  ClassKind class_kind = ClassKind::None;
+  int num_classes = 0;
+  std::vector<float> class_null;
 
   // The google/ddpm-cifar10-32 architecture (35,746,307 parameters).
   static UNetConfig cifar10();

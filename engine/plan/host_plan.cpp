@@ -1,6 +1,7 @@
 #include "plan/host_plan.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <iterator>
 #include <string>
 
@@ -22,12 +23,40 @@ std::vector<NodeWeights> resolve_node_weights(const graph::Graph& g, const Model
   return weights;
 }
 
-// The time-only nodes run on the host's fp32 reference ops (engine/cpu), one row per timestep.
+std::size_t condition_count(const graph::Graph& g, std::span<const float> conditions) {
+  const std::size_t width = std::size_t(g.cls.width());
+  if (width == 0) {
+    if (!conditions.empty()) throw Error(ErrorCode::Internal, "conditions given for an unconditional graph");
+    return 1;
+  }
+  if (conditions.empty() || conditions.size() % width != 0)
+    throw Error(ErrorCode::Internal, "conditions: " + std::to_string(conditions.size()) + " values for width " + std::to_string(width));
+  return conditions.size() / width;
+}
+
+// The time-only nodes run on the host's fp32 reference ops (engine/cpu), one row per (timestep,
+// condition). Each row is computed independently of the others (the ops are row by row), so a
+// row's values do not depend on which other timesteps or conditions share the table.
 std::vector<std::vector<float>> evaluate_time_tables(const graph::Graph& g, const graph::TimeFolding& fold,
-                                                     const std::vector<NodeWeights>& weights, std::span<const int> timesteps) {
-  const int rows = int(timesteps.size());
+                                                     const std::vector<NodeWeights>& weights, std::span<const int> timesteps,
+                                                     std::span<const float> conditions) {
+  const std::size_t U = condition_count(g, conditions), width = std::size_t(g.cls.width());
+  const int rows = int(timesteps.size() * U);
   std::vector<std::vector<float>> vals(g.values.size());
-  vals[g.timestep].assign(timesteps.begin(), timesteps.end());
+  vals[g.timestep].reserve(std::size_t(rows));
+  for (int t : timesteps) vals[g.timestep].insert(vals[g.timestep].end(), U, float(t));
+  if (g.class_labels >= 0) {
+    for (std::size_t u = 0; u < U; ++u) {
+      const float* c = conditions.data() + u * width;
+      if (g.cls.kind == graph::ClassKind::Index &&
+          !(c[0] >= 0.f && c[0] < float(g.cls.num_classes) && c[0] == std::floor(c[0])))
+        throw Error(ErrorCode::InvalidArgument, "class label " + std::to_string(double(c[0])) + " is not an integer in [0, " +
+                                                    std::to_string(g.cls.num_classes) + ") (the model's num_classes is " +
+                                                    std::to_string(g.cls.num_classes) + ")");
+    }
+    vals[g.class_labels].reserve(std::size_t(rows) * width);
+    for (std::size_t s = 0; s < timesteps.size(); ++s) vals[g.class_labels].insert(vals[g.class_labels].end(), conditions.begin(), conditions.end());
+  }
   std::vector<const float*> in;
   for (int i : fold.time_nodes) {
     const graph::Node& n = g.nodes[i];

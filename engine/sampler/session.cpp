@@ -2,6 +2,7 @@
 // timestep plan and per-step coefficients), then the backend's executor runs the loop.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <thread>
 #include <tuple>
@@ -14,6 +15,7 @@
 #include "host_memory.hpp"
 #include "model_impl.hpp"
 #include "sampler/finite.hpp"
+#include "sampler/guidance.hpp"
 #include "sampler/inversion.hpp"
 #include "schedule/ddim_params.hpp"
 
@@ -93,7 +95,7 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
     }
   }
   // "; it first appears in the output of node ..." for a forward pass whose output is not finite.
-  std::string locate_nonfinite(std::span<const float> x, std::span<const int> t) const {
+  std::string locate_nonfinite(std::span<const float> x, std::span<const int> t, const Conditioning& cond) const {
     const graph::Graph& g = model->impl().graph;
     std::string where;
     try {
@@ -102,7 +104,7 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
         if (!where.empty() || first_nonfinite(v) == kAllFinite) return;
         for (const graph::Node& n : g.nodes)
           if (n.name == node) where = node_location(node, graph::to_string(n.op));
-      });
+      }, cond);
     } catch (const std::exception&) {
       return "";  // only a diagnosis
     }
@@ -110,13 +112,13 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
   }
   // Throws when a forward pass's output is not finite, naming the first node where it is not.
   void check_forward_output(std::span<const float> out, std::span<const float> x, std::span<const int> t,
-                            const std::string& what) const {
+                            const std::string& what, const Conditioning& cond) const {
     const std::size_t bad = first_nonfinite(out);
     if (bad == kAllFinite) return;
     const graph::Graph& g = model->impl().graph;
     const std::size_t per = std::size_t(g.values[g.output].c) * std::size_t(height) * std::size_t(width);
     throw Error(ErrorCode::InvalidArgument, what + ": the network's output is NaN or infinite at " +
-                                                element_location(bad, per) + locate_nonfinite(x, t) + nonfinite_hint());
+                                                element_location(bad, per) + locate_nonfinite(x, t, cond) + nonfinite_hint());
   }
   // A job with the per-sample seeds (`seeds`, one per sample, or seed + i) and the schedule's
   // thresholding settings.
@@ -140,6 +142,87 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
   void require_cuda(const char* what) const {
     if (backend != BackendKind::Cuda)
       throw Error(ErrorCode::InvalidArgument, std::string(what) + " needs a CUDA session; this one runs on the CPU");
+  }
+  // The conditioning of a call, every field checked against the model: labels for a conditional
+  // model (one for all or one per sample), none for an unconditional one; the null input when
+  // guided (the caller's, else the file's). `what` prefixes the messages ("sample", ...).
+  Conditioning conditioning(const ClassConditioning& o, const std::string& what) const {
+    const graph::Graph& g = model->impl().graph;
+    const graph::ClassInput& cls = g.cls;
+    auto bad = [&](const std::string& msg) { return Error(ErrorCode::InvalidArgument, what + ": " + msg); };
+    if (!(o.guidance_scale >= 0.0 && o.guidance_scale <= 1000.0))
+      throw bad("guidance_scale must be finite and in [0, 1000], got " + std::to_string(o.guidance_scale));
+    if (!(o.guidance_rescale >= 0.0 && o.guidance_rescale <= 1.0))
+      throw bad("guidance_rescale must be in [0, 1], got " + std::to_string(o.guidance_rescale));
+    Conditioning c;
+    if (g.class_labels < 0) {
+      const char* given = !o.class_labels.empty() ? "class labels" : !o.class_embeddings.empty() ? "class embeddings"
+                          : o.guidance_scale != 1.0 ? "a guidance scale other than 1" : o.guidance_rescale != 0.0 ? "a guidance rescale"
+                          : o.null_class_label ? "a null class label" : !o.null_class_embedding.empty() ? "a null class embedding" : nullptr;
+      if (given) throw bad(std::string(given) + " given, but the model is unconditional (it has no class_labels input)");
+      return c;
+    }
+    const std::size_t N = batch(), W = std::size_t(cls.width());
+    const std::string kind = graph::to_string(cls.kind);
+    c.width = int(W);
+    c.guidance_scale = o.guidance_scale;
+    c.guidance_rescale = o.guidance_rescale;
+    auto number = [](double v) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%.9g", v);
+      return std::string(buf);
+    };
+    auto check_label = [&](double v, const std::string& who) {
+      if (!std::isfinite(v) || std::fabs(v) > 1e30) throw bad(who + " is not a finite number");
+      if (cls.kind == graph::ClassKind::Index && !(v >= 0 && v < cls.num_classes && v == std::floor(v)))
+        throw bad(who + " = " + number(v) + " is not an integer in [0, " + std::to_string(cls.num_classes) +
+                  ") (the model has " + std::to_string(cls.num_classes) + " classes)");
+      return float(v);
+    };
+    if (cls.kind == graph::ClassKind::Vector) {
+      if (!o.class_labels.empty() || o.null_class_label)
+        throw bad("the model takes class embeddings of " + std::to_string(W) + " values (kind vector), not class labels");
+      if (o.class_embeddings.empty())
+        throw bad("the model is class-conditional (kind vector, " + std::to_string(W) + " values): give class embeddings");
+      if (o.class_embeddings.size() != W && o.class_embeddings.size() != N * W)
+        throw bad("class embeddings have " + std::to_string(o.class_embeddings.size()) + " values; expected (N, D) = (" +
+                  std::to_string(N) + ", " + std::to_string(W) + ") or one (D) for all");
+      check_finite(o.class_embeddings, what + ": class embeddings", W);
+      for (std::size_t b = 0; b < N; ++b)
+        c.labels.insert(c.labels.end(), o.class_embeddings.begin() + std::ptrdiff_t(o.class_embeddings.size() == W ? 0 : b * W),
+                        o.class_embeddings.begin() + std::ptrdiff_t(o.class_embeddings.size() == W ? W : (b + 1) * W));
+      if (!o.null_class_embedding.empty()) {
+        if (o.null_class_embedding.size() != W)
+          throw bad("the null class embedding has " + std::to_string(o.null_class_embedding.size()) + " values; expected D = " +
+                    std::to_string(W));
+        check_finite(o.null_class_embedding, what + ": the null class embedding", W);
+      }
+    } else {
+      if (!o.class_embeddings.empty() || !o.null_class_embedding.empty())
+        throw bad("the model takes class labels (kind " + kind + "), not class embeddings");
+      if (o.class_labels.empty())
+        throw bad("the model is class-conditional (kind " + kind +
+                  (cls.kind == graph::ClassKind::Index ? ", " + std::to_string(cls.num_classes) + " classes" : std::string()) +
+                  "): give class labels");
+      if (o.class_labels.size() != 1 && o.class_labels.size() != N)
+        throw bad(std::to_string(o.class_labels.size()) + " class labels for a batch of " + std::to_string(N) +
+                  " (give one for all or one per sample)");
+      for (std::size_t b = 0; b < N; ++b) {
+        const std::size_t i = o.class_labels.size() == 1 ? 0 : b;
+        c.labels.push_back(check_label(o.class_labels[i], "class label " + std::to_string(i + 1)));
+      }
+    }
+    if (c.guided()) {
+      if (cls.kind == graph::ClassKind::Vector && !o.null_class_embedding.empty()) c.null_label = o.null_class_embedding;
+      else if (o.null_class_label) c.null_label = {check_label(*o.null_class_label, "the null class label")};
+      else if (!cls.null.empty()) c.null_label = cls.null;
+      else
+        throw bad("guidance (scale " + std::to_string(o.guidance_scale) + ") needs the unconditional input: give a null class " +
+                  (cls.kind == graph::ClassKind::Vector ? "embedding" : "label") +
+                  ", or re-export the model with it recorded (tools/export.py --null-class-" +
+                  (cls.kind == graph::ClassKind::Vector ? "embedding" : "label") + ")");
+    }
+    return c;
   }
   // The timesteps of a sample call (Session::timestep_plan).
   TimestepPlan plan_of(const SampleOptions& o) const {
@@ -187,11 +270,12 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
     job.noise_device = o.noise_device;
     job.output_device = o.output_device;
     job.output_session_precision = o.output_type == OutputType::SessionPrecision;
+    job.cond = conditioning(o.conditioning, "sample");
     return job;
   }
   // Inversion with fixed-point refinement (ddim/toolkit.hpp): step by step through the executor's
   // forward, the update on the host with the shared per-element math.
-  InvertResult invert_refined(std::span<const float> x0, const InvertOptions& o, InversionPlan plan) const {
+  InvertResult invert_refined(std::span<const float> x0, const InvertOptions& o, InversionPlan plan, const Conditioning& cond) const {
     const std::size_t S = plan.steps.size(), N = batch(), E = sample_elements();
     const graph::Graph& g = model->impl().graph;
     if (std::size_t(g.values[g.output].c) != std::size_t(model->info().in_channels))
@@ -203,8 +287,8 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
     for (std::size_t k = 0; k < S; ++k) {
       const DdimStepParams& explicit_step = plan.steps[k];
       std::fill(t.begin(), t.end(), plan.model_timesteps[k]);
-      executor->forward(x, t, out);
-      check_forward_output(out, x, t, "invert: step " + std::to_string(k + 1) + " of " + std::to_string(S));
+      executor->forward(x, t, out, cond);
+      check_forward_output(out, x, t, "invert: step " + std::to_string(k + 1) + " of " + std::to_string(S), cond);
       for (std::size_t b = 0; b < N; ++b)
         ddim_step_sample(explicit_step, std::span<const float>(x).subspan(b * E, E), std::span<const float>(out).subspan(b * E, E),
                          {}, x0_pred, std::span<float>(y).subspan(b * E, E), 0.995, 1.0);
@@ -217,9 +301,9 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
       from_eps.prediction = kPredEpsilon;
       std::fill(t.begin(), t.end(), plan.timesteps[k]);
       for (int j = 0; j < o.refine; ++j) {
-        executor->forward(y, t, out);
+        executor->forward(y, t, out, cond);
         check_forward_output(out, y, t, "invert: step " + std::to_string(k + 1) + " of " + std::to_string(S) + ", refinement " +
-                                            std::to_string(j + 1));
+                                            std::to_string(j + 1), cond);
         for (std::size_t b = 0; b < N; ++b) {
           const float* yb = y.data() + b * E;
           const float* ob = out.data() + b * E;
@@ -245,7 +329,8 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
     return r;
   }
 
-  std::vector<float> forward(std::span<const float> x, std::span<const int> t, const NodeOutputCallback& dump) const;
+  std::vector<float> forward(std::span<const float> x, std::span<const int> t, const NodeOutputCallback& dump,
+                             const Conditioning& cond) const;
 
   // Runs the job on the executor; the result's shape and visited timesteps filled in.
   SampleResult run(const SampleJob& job) const {
@@ -337,14 +422,19 @@ std::unique_ptr<Session> Session::create(std::shared_ptr<const Model> model, con
   });
 }
 
-std::vector<float> Session::forward(std::span<const float> x, std::span<const int> t) { return forward(x, t, {}); }
+std::vector<float> Session::forward(std::span<const float> x, std::span<const int> t) { return forward(x, t, NodeOutputCallback{}); }
 
 std::vector<float> Session::forward(std::span<const float> x, std::span<const int> t, const NodeOutputCallback& dump) {
-  return with_host_memory_errors("forward", [&] { return impl_->forward(x, t, dump); });
+  return with_host_memory_errors("forward", [&] { return impl_->forward(x, t, dump, impl_->conditioning({}, "forward")); });
 }
 
-std::vector<float> Session::Impl::forward(std::span<const float> x, std::span<const int> t,
-                                          const NodeOutputCallback& dump) const {
+std::vector<float> Session::forward(std::span<const float> x, std::span<const int> t, const ClassConditioning& conditioning,
+                                    const NodeOutputCallback& dump) {
+  return with_host_memory_errors("forward", [&] { return impl_->forward(x, t, dump, impl_->conditioning(conditioning, "forward")); });
+}
+
+std::vector<float> Session::Impl::forward(std::span<const float> x, std::span<const int> t, const NodeOutputCallback& dump,
+                                          const Conditioning& cond) const {
   const auto& sched = model->schedule();
   for (int ti : t)
     if (ti < 0 || ti >= sched.num_train_timesteps)
@@ -354,9 +444,13 @@ std::vector<float> Session::Impl::forward(std::span<const float> x, std::span<co
   const auto& g = model->impl().graph;
   std::vector<float> out(std::size_t(options.batch) * std::size_t(g.values[g.output].c) * std::size_t(height) *
                          std::size_t(width));
-  if (dump) executor->forward_dump(x, t, out, dump);
-  else executor->forward(x, t, out);
-  check_forward_output(out, x, t, "forward");
+  if (dump) {
+    if (cond.guided()) throw Error(ErrorCode::InvalidArgument, "forward: a node dump shows one forward; it takes no guidance");
+    executor->forward_dump(x, t, out, dump, cond);
+  } else {
+    executor->forward(x, t, out, cond);
+  }
+  check_forward_output(out, x, t, "forward", cond);
   return out;
 }
 
@@ -416,6 +510,8 @@ SampleResult Session::sample_ddpm(const DdpmOptions& o) {
     const VarianceType variance = o.variance.value_or(model.schedule().variance_type);
 
     // The DDIM loop runs DDPM unchanged: each step's parameters select the DDPM update.
+    // DDPM ancestral sampling takes no class labels: a class-conditional model is refused here.
+    impl_->conditioning({}, "sample_ddpm");
     SampleJob job = impl_->new_job(o.seed, o.seeds);
     for (int t = T - 1; t >= 0; --t) {
       job.timesteps.push_back(t);
@@ -443,7 +539,8 @@ InvertResult Session::invert(std::span<const float> x0, const InvertOptions& o) 
     const Scheduler scheduler(model.schedule());
     InversionPlan plan = plan_inversion(scheduler, o);
     impl_->check_history(plan.model_timesteps.size(), o.want_trajectory, false);
-    if (o.refine > 0) return impl_->invert_refined(x0, o, std::move(plan));
+    const Conditioning cond = impl_->conditioning(o.conditioning, "invert");
+    if (o.refine > 0) return impl_->invert_refined(x0, o, std::move(plan), cond);
 
     // The sampling loop runs the inversion unchanged: x_T is the given x0, the model is evaluated at
     // plan.model_timesteps and each step's coefficients carry the ascending alpha-bars. sigma is 0,
@@ -454,6 +551,7 @@ InvertResult Session::invert(std::span<const float> x0, const InvertOptions& o) 
     job.x_T = x0;
     job.want_trajectory = o.want_trajectory;
     job.progress = o.progress;
+    job.cond = cond;
     SampleResult r = impl_->run(job);
 
     InvertResult out;

@@ -230,8 +230,8 @@ int main(int argc, char** argv) {
   float *images, *trajectory, *x0, *one;
   array ref_sample, ref_trajectory, ref_x0;
 
-  if (argc != 5) {
-    fprintf(stderr, "usage: %s MODEL T20_MODEL REF_DIR WORK_DIR\n", argv[0]);
+  if (argc != 5 && argc != 6) {
+    fprintf(stderr, "usage: %s MODEL T20_MODEL REF_DIR WORK_DIR [CLASS_MODEL]\n", argv[0]);
     return 2;
   }
   model_path = argv[1];
@@ -774,6 +774,71 @@ int main(int argc, char** argv) {
     FAILS(DDIM_ERR_INVALID_ARGUMENT, "", ddim_slerp(a, b, 4, 1.5, out));
     FAILS(DDIM_ERR_INVALID_ARGUMENT, "", ddim_slerp(a, b, 0, 0.5, out));
     FAILS(DDIM_ERR_INVALID_ARGUMENT, "a is NULL", ddim_slerp(NULL, b, 4, 0.5, out));
+  }
+
+  /* ---- class-conditional models: labels and guidance through ddim_class_conditioning, bitwise
+     against the ddim tool (ref/cc_sample.npy, ref/cc_forward.npy from run_c_test.cmake) */
+  if (argc == 6) {
+    ddim_model* cc = NULL;
+    ddim_session* cs = NULL;
+    ddim_model_info ci;
+    ddim_class_conditioning cond;
+    double labels[2] = {3, 7};
+    uint64_t cc_seeds[2] = {9, 2};
+    int t500 = 500;
+    size_t CE;
+    float *cc_images, *cc_out;
+    array ref_cc = read_npy(ref_dir, "cc_sample.npy"), ref_ccf = read_npy(ref_dir, "cc_forward.npy");
+    OK(ddim_model_load(argv[5], &cc));
+    memset(&ci, 0, sizeof ci);
+    ci.struct_size = sizeof ci;
+    OK(ddim_model_get_info(cc, &ci));
+    CHECK(ci.format_version == 2 && ci.class_kind == DDIM_CLASS_INDEX && ci.num_classes == 10 && ci.class_dim == 1 &&
+          ci.has_null == 1);
+    ddim_session_options_init(&so);
+    so.backend = DDIM_BACKEND_CPU;
+    so.batch = 2;
+    so.threads = 1;
+    OK(ddim_session_create(cc, &so, &cs));
+    CE = (size_t)ci.in_channels * (size_t)ci.height * (size_t)ci.width;
+    cc_images = (float*)malloc(2 * CE * sizeof(float));
+    cc_out = (float*)malloc(2 * CE * sizeof(float));
+    ddim_class_conditioning_init(&cond);
+    CHECK(cond.guidance_scale == 1.0 && cond.guidance_rescale == 0.0);
+    cond.class_labels = labels;
+    cond.class_label_count = 2;
+    cond.guidance_scale = 2.5;
+    ddim_sample_options_init(&o);
+    o.steps = 4;
+    o.seeds = cc_seeds;
+    o.seed_count = 2;
+    o.conditioning = &cond;
+    OK(ddim_session_sample(cs, &o, cc_images, 2 * CE));
+    CHECK(same_bits(cc_images, 2 * CE, ref_cc));
+    OK(ddim_session_forward_conditioned(cs, ref_cc.data, 2 * CE, &t500, 1, &cond, cc_out, 2 * CE, NULL, NULL));
+    CHECK(same_bits(cc_out, 2 * CE, ref_ccf));
+    /* errors: no labels for a conditional model; an out-of-range label; labels for an unconditional one */
+    o.conditioning = NULL;
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "give class labels", ddim_session_sample(cs, &o, cc_images, 2 * CE));
+    labels[1] = 10;
+    o.conditioning = &cond;
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "is not an integer in [0, 10)", ddim_session_sample(cs, &o, cc_images, 2 * CE));
+    labels[1] = 7;
+    cond.struct_size = 0;
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "struct_size is 0", ddim_session_sample(cs, &o, cc_images, 2 * CE));
+    ddim_class_conditioning_init(&cond);
+    cond.class_labels = labels;
+    cond.class_label_count = 1;
+    ddim_sample_options_init(&o);
+    o.steps = 2;
+    o.conditioning = &cond;
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "the model is unconditional", ddim_session_sample(session, &o, images, 3 * E));
+    ddim_session_release(cs);
+    ddim_model_release(cc);
+    free(cc_images);
+    free(cc_out);
+    free(ref_cc.data);
+    free(ref_ccf.data);
   }
 
   /* ---- release: sessions outlive the caller's model references */

@@ -50,5 +50,11 @@ run(${ddim} invert --model ${MODEL} --device cpu --input ${ref}/sample.npy --ste
     --out ${ref}/invert.npy --trajectory ${ref}/invert_trajectory.npy)
 run(${ddim} forward --model ${MODEL} --device cpu --x ${ref}/sample.npy --t 500 --out ${ref}/forward.npy)
 
-run(${WORK_DIR}/build/ddim_c_api_test ${MODEL} ${WORK_DIR}/t20.ddim ${ref} ${WORK_DIR}/scratch)
+run(${MAKE_MODEL} --preset tiny --class index --num-classes 10 --record-null --seed 5 --out ${WORK_DIR}/cc.ddim)
+run(${ddim} sample --model ${WORK_DIR}/cc.ddim --device cpu --threads 1 --steps 4 --seeds 9,2 --class-labels 3,7
+    --guidance-scale 2.5 --out ${ref}/cc_sample.npy)
+run(${ddim} forward --model ${WORK_DIR}/cc.ddim --device cpu --threads 1 --x ${ref}/cc_sample.npy --t 500 --class-labels 3,7
+    --guidance-scale 2.5 --out ${ref}/cc_forward.npy)
+
+run(${WORK_DIR}/build/ddim_c_api_test ${MODEL} ${WORK_DIR}/t20.ddim ${ref} ${WORK_DIR}/scratch ${WORK_DIR}/cc.ddim)
 run(${WORK_DIR}/build/readme_example ${MODEL})

@@ -134,3 +134,69 @@ TEST_CASE("cli: --help states every option's default") {
                         "(default: auto)", "--x-T FILE", "--noise FILE", "--trajectory FILE", "--clip-sample on|off"})
     CHECK_MESSAGE(r.output.find(s) != std::string::npos, s);
 }
+
+TEST_CASE("cli: class-conditional models: labels, guidance and their errors") {
+  TempDir dir;
+  graph::UNetConfig c = test::tiny_unet();
+  c.class_kind = graph::ClassKind::Index;
+  c.num_classes = 5;
+  const std::string cc = dir / "cc.ddim", cc_null = dir / "cc_null.ddim", plain = dir / "plain.ddim";
+  format::write_file(cc, graph::make_random_model_file(c, ScheduleConfig{}, 8));
+  c.class_null = {4.f};
+  format::write_file(cc_null, graph::make_random_model_file(c, ScheduleConfig{}, 8));
+  format::write_file(plain, graph::make_random_model_file(test::tiny_unet(), ScheduleConfig{}, 4));
+  const std::string out = dir / "out.npy";
+
+  // The CLI equals the library, with per-sample labels (their count sets the batch) and guidance.
+  CliRun r = run_cli("sample --model " + cc_null + " --steps 3 --seed 2 --class-labels 1,3 --guidance-scale 2.5 "
+                     "--guidance-rescale 0.5 --device cpu --threads 2 --out " + out);
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  SampleOptions o;
+  o.steps = 3;
+  o.seed = 2;
+  o.conditioning.class_labels = {1, 3};
+  o.conditioning.guidance_scale = 2.5;
+  o.conditioning.guidance_rescale = 0.5;
+  auto lib = test::cpu_session(Model::load(cc_null), 2)->sample(o);
+  CHECK(same_bits(tools::read_npy_f32(out).data, lib.images));
+  // A caller's null label instead of none recorded gives the same as the recorded one.
+  r = run_cli("sample --model " + cc + " --steps 3 --seed 2 --class-labels 1,3 --guidance-scale 2.5 --guidance-rescale 0.5 "
+              "--null-class-label 4 --device cpu --threads 2 --out " + dir / "out2.npy");
+  REQUIRE(r.code == 0);
+  CHECK(same_bits(tools::read_npy_f32(dir / "out2.npy").data, lib.images));
+  fs::remove(out);
+  r = run_cli("info " + cc_null + " --plan --device cpu");
+  CHECK(r.code == 0);
+  CHECK(r.output.find("class labels:   index, integers in [0, 5); null label 4 recorded") != std::string::npos);
+  CHECK(r.output.find("folded per (step, class label)") != std::string::npos);
+  CHECK(r.output.find("forward batch: 2") != std::string::npos);
+
+  struct Case {
+    std::string args, needle;
+  };
+  const std::vector<Case> cases = {
+      {"sample --model " + cc + " --steps 2 --batch 2", "give --class-labels"},
+      {"sample --model " + cc + " --steps 2 --class-labels 5", "--class-labels entry 1: 5 is not an integer in [0, 5)"},
+      {"sample --model " + cc + " --steps 2 --class-labels 1.5", "is not an integer"},
+      {"sample --model " + cc + " --steps 2 --class-labels nan", "--class-labels entry 1"},
+      {"sample --model " + cc + " --steps 2 --class-labels 1,2,3 --batch 2", "3 labels for a batch of 2"},
+      {"sample --model " + cc + " --steps 2 --class-labels 1 --guidance-scale 3", "needs the unconditional input"},
+      {"sample --model " + cc + " --steps 2 --class-labels 1 --guidance-scale -1", "--guidance-scale"},
+      {"sample --model " + cc + " --steps 2 --class-labels 1 --guidance-rescale 2", "--guidance-rescale"},
+      {"sample --model " + cc + " --steps 2 --class-labels 1 --null-class-label 9 --guidance-scale 2", "--null-class-label: 9"},
+      {"sample --model " + cc + " --sampler ddpm --class-labels 1", "--class-labels applies to --sampler ddim only"},
+      {"sample --model " + plain + " --steps 2 --class-labels 1", "--class-labels: the model is unconditional"},
+      {"sample --model " + plain + " --steps 2 --guidance-scale 2", "--guidance-scale: the model is unconditional"},
+      {"sample --model " + cc + " --steps 2 --class-embeddings " + dir / "missing.npy", "missing.npy"},
+  };
+  for (const auto& k : cases) {
+    r = run_cli(k.args + " --device cpu --out " + out);
+    INFO(k.args << "\n" << r.output);
+    CHECK(r.code != 0);
+    CHECK(r.output.rfind("ddim: error:", 0) == 0);
+    CHECK(r.output.find('\n') == r.output.size() - 1);
+    CHECK(r.output.find(k.needle) != std::string::npos);
+    CHECK(!fs::exists(out));
+  }
+}

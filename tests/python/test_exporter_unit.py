@@ -249,7 +249,7 @@ def test_bad_schedules_are_refused(config, needle, exporter):
     (dict(norm_num_groups=None), "norm_num_groups"),
     (dict(attention_head_dim=128), "attention_head_dim"),
     (dict(down_block_types=["DownBlock2D", "AttnSkipDownBlock2D"]), "AttnSkipDownBlock2D"),
-    (dict(num_class_embeds=10), "num_class_embeds"),
+    (dict(class_embed_type="simple_projection"), "class_embed_type"),
     (dict(time_embedding_type="learned"), "time_embedding_type"),
     (dict(mid_block_type="UNetMidBlock2DCrossAttn"), "mid_block_type"),
     (dict(norm_num_groups=12), "not divisible by 12 groups"),

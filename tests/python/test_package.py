@@ -741,3 +741,49 @@ def test_readme_example_runs():
     # the example prints the backend, the shape and whether the lone seed-2 sample equals the batch's: bitwise on
     # the CPU; on CUDA cuDNN may choose other algorithms per batch size (not claimed until a GPU run shows it)
     assert re.search(r"^(cpu \(3, 1, 32, 32\) True|cuda \(3, 1, 32, 32\) (True|False))$", out.strip(), re.M), out
+
+
+# ------------------------------------------------------------------------------------------------------- class labels
+
+def test_class_conditional_sample_invert_forward(tmp_path):
+    """Class labels and guidance as keyword arguments (sample, forward, invert), against the formula and the CLI."""
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, num_class_embeds=4).eval()
+    m = ddim.export(unet, dict(num_train_timesteps=1000, clip_sample=False), tmp_path / "cc.ddim", null_class_label=3)
+    assert m.info.class_kind == "index" and m.info.num_classes == 4 and list(m.info.null_class) == [3.0]
+    s = ddim.Session(m, device="cpu", batch=2)
+    with pytest.raises(ddim.InvalidArgumentError, match="give class labels"):
+        s.sample(steps=2)
+    with pytest.raises(ddim.InvalidArgumentError, match=r"not an integer in \[0, 4\)"):
+        s.sample(steps=2, class_labels=[1, 4])
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    cond = s.forward(x, 500, class_labels=[1, 2])
+    null = s.forward(x, 500, class_labels=3)
+    guided = s.forward(x, 500, class_labels=[1, 2], guidance_scale=3.0)
+    np.testing.assert_allclose(guided, null + 3.0 * (cond - null), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(x), 500, class_labels=torch.tensor([1, 2])).sample.numpy()
+    assert np.max(np.abs(cond - ref)) < 1e-4
+    images = s.sample(steps=3, seed=4, class_labels=np.array([0, 2]), guidance_scale=2.0, guidance_rescale=0.5)
+    binary = os.environ.get("DDIM_BIN")
+    if binary:
+        out = tmp_path / "cli.npy"
+        proc = subprocess.run([binary, "sample", "--model", str(tmp_path / "cc.ddim"), "--device", "cpu", "--steps", "3",
+                               "--seed", "4", "--class-labels", "0,2", "--guidance-scale", "2", "--guidance-rescale",
+                               "0.5", "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert np.array_equal(np.load(out), images)
+    x_T = s.invert(images, steps=3, refine=5, class_labels=[0, 2], guidance_scale=2.0)
+    back = s.sample(steps=3, x_T=x_T, class_labels=[0, 2], guidance_scale=2.0)
+    other = s.sample(steps=3, x_T=x_T, class_labels=[1, 1], guidance_scale=2.0)
+    # (3 steps of a random network: the round trip is rough; the labels must still be the ones used)
+    assert np.max(np.abs(back - images)) < 0.2 * np.max(np.abs(other - images))
+    plain = ddim.Session(ddim.Model(MODEL_PATH), device="cpu", batch=1)
+    with pytest.raises(ddim.InvalidArgumentError, match="unconditional"):
+        plain.sample(steps=2, class_labels=1)

@@ -77,6 +77,20 @@ void check_shape(std::span<const std::int64_t> shape, std::span<const std::int64
 // ddim::Error(InvalidArgument) when the data holds NaN or Inf.
 void check_finite(std::span<const float> data, const std::string& what);
 
+// The class-conditioning options of sample, forward, invert and interpolate (each command's table
+// lists them: kConditioningHelp): --class-labels, --class-embeddings, --guidance-scale,
+// --guidance-rescale, --null-class-label, --null-class-embedding. Checks what the command line
+// alone can (numbers, files, shapes); the session checks them against the model.
+ClassConditioning conditioning_from(const ParsedArgs& args);
+// The batch the labels imply: the count of --class-labels or the N of --class-embeddings (N, D)
+// when more than one; 0 when they fit any batch.
+int conditioning_batch(const ClassConditioning& c);
+// The class options against the model (ModelInfo: its kind, classes, recorded null input) for a
+// batch of `batch`: UsageError naming the option for labels an unconditional model cannot take,
+// missing labels, the wrong kind, an index outside [0, K), a count that fits no batch, or guidance
+// without a null input. (The session checks the same; this names the options.)
+void check_conditioning(const Model& model, const ClassConditioning& c, int batch);
+
 // "999,979,959": a timestep list as the options take it.
 std::string join(const std::vector<int>& values);
 std::string join(const std::vector<std::uint64_t>& values);

@@ -265,4 +265,103 @@ std::string format_bytes(std::uint64_t bytes) {
   return buf;
 }
 
+ClassConditioning conditioning_from(const ParsedArgs& args) {
+  ClassConditioning c;
+  if (const auto list = args.get("--class-labels")) {
+    std::size_t start = 0;
+    while (true) {
+      const std::size_t comma = list->find(',', start);
+      const std::string item = list->substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+      c.class_labels.push_back(parse_real(item, "--class-labels entry " + std::to_string(c.class_labels.size() + 1), -1e30, 1e30));
+      if (c.class_labels.size() > static_cast<std::size_t>(kMaxBatch))
+        throw UsageError("--class-labels: more than " + std::to_string(kMaxBatch) + " labels");
+      if (comma == std::string::npos) break;
+      start = comma + 1;
+    }
+  }
+  auto read_vectors = [&](const char* option, bool batched) {
+    std::vector<float> out;
+    if (const auto path = args.get(option)) {
+      const std::string what = std::string(option) + " " + format::quote_path(*path);
+      tools::NpyArray a = tools::read_npy_f32(*path, [&](std::span<const std::int64_t> shape) {
+        const bool ok = shape.size() == 1 ? shape[0] >= 1 : shape.size() == 2 && shape[0] >= 1 && shape[1] >= 1 &&
+                                                                (batched ? shape[0] <= kMaxBatch : shape[0] == 1);
+        if (!ok)
+          throw Error(ErrorCode::InvalidArgument, what + " has shape " + tools::shape_to_string(shape) + "; expected " +
+                                                      (batched ? "(N, D) or (D)" : "(D) or (1, D)"));
+      });
+      check_finite(a.data, what);
+      out = std::move(a.data);
+    }
+    return out;
+  };
+  c.class_embeddings = read_vectors("--class-embeddings", true);
+  if (!c.class_labels.empty() && !c.class_embeddings.empty())
+    throw UsageError("give --class-labels (index and scalar models) or --class-embeddings (vector models), not both");
+  c.guidance_scale = args.real("--guidance-scale", 0.0, 1000.0);
+  c.guidance_rescale = args.real("--guidance-rescale", 0.0, 1.0);
+  if (args.get("--null-class-label")) c.null_class_label = args.real("--null-class-label", -1e30, 1e30);
+  c.null_class_embedding = read_vectors("--null-class-embedding", false);
+  if (c.null_class_label && !c.null_class_embedding.empty())
+    throw UsageError("give --null-class-label or --null-class-embedding, not both");
+  return c;
+}
+
+void check_conditioning(const Model& model, const ClassConditioning& c, int batch) {
+  const ModelInfo& info = model.info();
+  const auto number = [](double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.9g", v);
+    return std::string(buf);
+  };
+  if (info.class_kind.empty()) {
+    const char* given = !c.class_labels.empty() ? "--class-labels" : !c.class_embeddings.empty() ? "--class-embeddings"
+                        : c.guidance_scale != 1.0 ? "--guidance-scale" : c.guidance_rescale != 0.0 ? "--guidance-rescale"
+                        : c.null_class_label ? "--null-class-label" : !c.null_class_embedding.empty() ? "--null-class-embedding"
+                                                                                                     : nullptr;
+    if (given) throw UsageError(std::string(given) + ": the model is unconditional (it takes no class labels)");
+    return;
+  }
+  const std::size_t n = static_cast<std::size_t>(batch), d = static_cast<std::size_t>(info.class_dim);
+  if (info.class_kind == "vector") {
+    if (!c.class_labels.empty() || c.null_class_label)
+      throw UsageError(std::string(c.class_labels.empty() ? "--null-class-label" : "--class-labels") +
+                       ": the model takes class embeddings of " + std::to_string(d) + " values (--class-embeddings)");
+    if (c.class_embeddings.empty())
+      throw UsageError("the model is class-conditional (vector, " + std::to_string(d) + " values): give --class-embeddings");
+    if (c.class_embeddings.size() != d && c.class_embeddings.size() != n * d)
+      throw UsageError("--class-embeddings holds " + std::to_string(c.class_embeddings.size()) + " values; the model and the batch need (N, D) = (" +
+                       std::to_string(n) + ", " + std::to_string(d) + ") or (D)");
+    if (!c.null_class_embedding.empty() && c.null_class_embedding.size() != d)
+      throw UsageError("--null-class-embedding holds " + std::to_string(c.null_class_embedding.size()) + " values; the model needs D = " +
+                       std::to_string(d));
+  } else {
+    if (!c.class_embeddings.empty() || !c.null_class_embedding.empty())
+      throw UsageError(std::string(c.class_embeddings.empty() ? "--null-class-embedding" : "--class-embeddings") +
+                       ": the model takes class labels (" + info.class_kind + "), not embeddings");
+    if (c.class_labels.empty())
+      throw UsageError("the model is class-conditional (" + info.class_kind +
+                       (info.class_kind == "index" ? ", " + std::to_string(info.num_classes) + " classes" : std::string()) +
+                       "): give --class-labels");
+    if (c.class_labels.size() != 1 && c.class_labels.size() != n)
+      throw UsageError("--class-labels lists " + std::to_string(c.class_labels.size()) + " labels for a batch of " + std::to_string(n) +
+                       " (give one for all or one per sample)");
+    auto check_index = [&](double v, const std::string& what) {
+      if (info.class_kind == "index" && !(v >= 0 && v < info.num_classes && v == std::floor(v)))
+        throw UsageError(what + ": " + number(v) + " is not an integer in [0, " + std::to_string(info.num_classes) + ")");
+    };
+    for (std::size_t i = 0; i < c.class_labels.size(); ++i) check_index(c.class_labels[i], "--class-labels entry " + std::to_string(i + 1));
+    if (c.null_class_label) check_index(*c.null_class_label, "--null-class-label");
+  }
+  if (c.guidance_scale != 1.0 && info.null_class.empty() && !c.null_class_label && c.null_class_embedding.empty())
+    throw UsageError("--guidance-scale " + number(c.guidance_scale) + " needs the unconditional input: give " +
+                     (info.class_kind == "vector" ? "--null-class-embedding" : "--null-class-label") +
+                     " (the model file records none; tools/export.py can record it)");
+}
+
+int conditioning_batch(const ClassConditioning& c) {
+  if (c.class_labels.size() > 1) return static_cast<int>(c.class_labels.size());
+  return 0;
+}
+
 }  // namespace ddim::cli

@@ -25,6 +25,12 @@ constexpr OptionSpec kOptions[] = {
     {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
     {"--threads", "N", "0", "CPU worker threads (at most 1024), 0 for all cores"},
+    {"--class-labels", "LIST", "", "class-conditional models: labels, one for all or one per sample, e.g. 3,7 (index models: integers in [0, K))"},
+    {"--class-embeddings", "FILE", "", "vector (identity) models: float32 (N, D) or (D) .npy of class embeddings"},
+    {"--guidance-scale", "W", "1", "classifier-free guidance scale w in [0, 1000]; 1 runs the conditional model only"},
+    {"--guidance-rescale", "PHI", "0", "guidance rescale in [0, 1] (diffusers' guidance_rescale); 0 is off"},
+    {"--null-class-label", "X", "", "the unconditional label for guidance (default: the model file's)"},
+    {"--null-class-embedding", "FILE", "", "vector models: the unconditional (D) .npy for guidance (default: the model file's)"},
 };
 
 // "500" -> {500}; "t.npy" -> its values.
@@ -70,6 +76,7 @@ int run_forward(const ParsedArgs& args) {
   const std::string out = args.str("--out");
   output_extension(out, "--out", {".npy"});
   SessionOptions session_options = session_options_from(args);
+  const ClassConditioning conditioning = conditioning_from(args);
   tools::OutputFiles outputs;
   const std::filesystem::path out_target = outputs.add(out, "--out");
   const std::optional<std::string> dump_dir = args.get("--dump");
@@ -114,6 +121,7 @@ int run_forward(const ParsedArgs& args) {
     }
   }
 
+  check_conditioning(*model, conditioning, n);
   session_options.batch = n;
   session_options.height = static_cast<int>(x.shape[2]);
   session_options.width = static_cast<int>(x.shape[3]);
@@ -132,7 +140,7 @@ int run_forward(const ParsedArgs& args) {
                 file + "\n";
   };
   const auto start = std::chrono::steady_clock::now();
-  const std::vector<float> y = dump_dir ? session->forward(x.data, t, dump) : session->forward(x.data, t);
+  const std::vector<float> y = session->forward(x.data, t, conditioning, dump_dir ? dump : Session::NodeOutputCallback{});
   const double seconds = seconds_since(start);
 
   const std::int64_t shape[] = {x.shape[0], info.out_channels, x.shape[2], x.shape[3]};

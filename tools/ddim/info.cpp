@@ -102,6 +102,20 @@ int run_info(const ParsedArgs& args) {
      << "tensors:       ";
   if (info.tensors_by_dtype.empty()) os << " none";
   for (const auto& [dtype, count] : info.tensors_by_dtype) os << " " << dtype << " x " << count;
+  if (!info.class_kind.empty()) {
+    os << "\nclass labels:   " << info.class_kind;
+    if (info.class_kind == "index") os << ", integers in [0, " << info.num_classes << ")";
+    if (info.class_kind == "vector") os << ", " << info.class_dim << " values per sample";
+    if (info.null_class.empty()) {
+      os << "; no null input recorded (guidance needs --null-class-label / --null-class-embedding)";
+    } else if (info.class_kind == "vector") {
+      os << "; null embedding recorded";
+    } else {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%.9g", static_cast<double>(info.null_class[0]));
+      os << "; null label " << buf << " recorded";
+    }
+  }
   os << "\n\n" << model->summary();
   if (!model->summary().empty() && model->summary().back() != '\n') os << "\n";
   os << "\n";
@@ -117,6 +131,10 @@ int run_info(const ParsedArgs& args) {
        << "  precision: " << p.precision << "\n"
        << "  batch:     " << p.batch << ", sample " << p.height << " x " << p.width << "\n";
     print_list(ps, "folded nodes", p.folded_nodes);
+    if (!p.folded_per_label.empty()) {
+      print_list(ps, "folded per (step, class label)", p.folded_per_label);
+      ps << "  forward batch: " << p.forward_batch << " (guidance runs the conditional and the null half in one forward)\n";
+    }
     print_list(ps, "fusions", p.fusions);
     ps << "  activation arena: " << format_bytes(p.arena_bytes) << " (" << p.arena_bytes << " bytes)";
     if (p.unplanned_bytes > 0) {

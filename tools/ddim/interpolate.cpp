@@ -35,6 +35,12 @@ constexpr OptionSpec kOptions[] = {
     {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
     {"--threads", "N", "0", "CPU worker threads (at most 1024), 0 for all cores"},
+    {"--class-labels", "LIST", "", "class-conditional models: labels, one for all or one per sample, e.g. 3,7 (index models: integers in [0, K))"},
+    {"--class-embeddings", "FILE", "", "vector (identity) models: float32 (N, D) or (D) .npy of class embeddings"},
+    {"--guidance-scale", "W", "1", "classifier-free guidance scale w in [0, 1000]; 1 runs the conditional model only"},
+    {"--guidance-rescale", "PHI", "0", "guidance rescale in [0, 1] (diffusers' guidance_rescale); 0 is off"},
+    {"--null-class-label", "X", "", "the unconditional label for guidance (default: the model file's)"},
+    {"--null-class-embedding", "FILE", "", "vector models: the unconditional (D) .npy for guidance (default: the model file's)"},
 };
 
 // "A,B": exactly two items.
@@ -149,7 +155,9 @@ int run_interpolate(const ParsedArgs& args) {
   }
   options.x_T = x_T;
 
-  // ---- sample all frames as one batch
+  // ---- sample all frames as one batch (one label for all frames)
+  options.conditioning = conditioning_from(args);
+  check_conditioning(*model, options.conditioning, frames);
   session_options.batch = frames;
   session_options.height = static_cast<int>(height);
   session_options.width = static_cast<int>(width);

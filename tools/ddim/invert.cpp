@@ -38,6 +38,12 @@ constexpr OptionSpec kOptions[] = {
     {"--device", "DEV", "auto", "auto|cpu|cuda|cuda:N"},
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
     {"--threads", "N", "0", "CPU worker threads (at most 1024), 0 for all cores"},
+    {"--class-labels", "LIST", "", "class-conditional models: labels, one for all or one per sample, e.g. 3,7 (index models: integers in [0, K))"},
+    {"--class-embeddings", "FILE", "", "vector (identity) models: float32 (N, D) or (D) .npy of class embeddings"},
+    {"--guidance-scale", "W", "1", "classifier-free guidance scale w in [0, 1000]; 1 runs the conditional model only"},
+    {"--guidance-rescale", "PHI", "0", "guidance rescale in [0, 1] (diffusers' guidance_rescale); 0 is off"},
+    {"--null-class-label", "X", "", "the unconditional label for guidance (default: the model file's)"},
+    {"--null-class-embedding", "FILE", "", "vector models: the unconditional (D) .npy for guidance (default: the model file's)"},
 };
 
 struct Input {
@@ -132,6 +138,8 @@ int run_invert(const ParsedArgs& args) {
   session_options.height = static_cast<int>(input.h);
   session_options.width = static_cast<int>(input.w);
   options.want_trajectory = trajectory_path.has_value();
+  options.conditioning = conditioning_from(args);
+  check_conditioning(*model, options.conditioning, session_options.batch);
 
   // ---- invert
   const std::unique_ptr<Session> session =
@@ -164,6 +172,7 @@ int run_invert(const ParsedArgs& args) {
     back.timesteps.assign(result.timesteps.rbegin(), result.timesteps.rend());
     back.eta = 0.0;
     back.x_T = result.x_T;
+    back.conditioning = options.conditioning;
     back.clip_sample = clip_sample;  // thresholding models: dynamic thresholding still applies (as in sample)
     const SampleResult sampled = session->sample(back);
     if (sampled.images.size() != input.data.size()) throw Error(ErrorCode::Internal, "--check: wrong sample size");

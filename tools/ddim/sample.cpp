@@ -50,6 +50,12 @@ constexpr OptionSpec kOptions[] = {
     {"--set-alpha-to-one", "on|off", "", "final alpha-bar is 1 (default: the model's)"},
     {"--steps-offset", "K", "", "offset added to leading timesteps (default: the model's)"},
     {"--use-clipped-model-output", "", "", "recompute eps from the clipped x0 prediction"},
+    {"--class-labels", "LIST", "", "class-conditional models: labels, one for all or one per sample, e.g. 3,7 (index models: integers in [0, K))"},
+    {"--class-embeddings", "FILE", "", "vector (identity) models: float32 (N, D) or (D) .npy of class embeddings"},
+    {"--guidance-scale", "W", "1", "classifier-free guidance scale w in [0, 1000]; 1 runs the conditional model only"},
+    {"--guidance-rescale", "PHI", "0", "guidance rescale in [0, 1] (diffusers' guidance_rescale); 0 is off"},
+    {"--null-class-label", "X", "", "the unconditional label for guidance (default: the model file's)"},
+    {"--null-class-embedding", "FILE", "", "vector models: the unconditional (D) .npy for guidance (default: the model file's)"},
 };
 
 std::string format_real(double v) {
@@ -94,6 +100,7 @@ int run_sample(const ParsedArgs& args) {
   if (args.get("--steps-offset")) options.steps_offset = args.integer("--steps-offset", 0, 1'000'000);
   options.use_clipped_model_output = args.flag("--use-clipped-model-output");
 
+  options.conditioning = conditioning_from(args);
   SessionOptions session_options = session_options_from(args);
   session_options.profile = args.flag("--profile");
   session_options.autotune = args.flag("--autotune");
@@ -108,7 +115,8 @@ int run_sample(const ParsedArgs& args) {
   DdpmOptions ddpm_options;
   if (ddpm) {
     for (const char* option : {"--eta", "--spacing", "--timesteps", "--set-alpha-to-one", "--steps-offset",
-                               "--use-clipped-model-output"}) {
+                               "--use-clipped-model-output", "--class-labels", "--class-embeddings", "--guidance-scale",
+                               "--guidance-rescale", "--null-class-label", "--null-class-embedding"}) {
       if (args.given(option)) throw UsageError(std::string(option) + " applies to --sampler ddim only");
     }
     if (const auto variance = args.get("--variance")) {
@@ -183,7 +191,17 @@ int run_sample(const ParsedArgs& args) {
     batch = static_cast<int>(x_T.shape[0]);
     options.x_T = x_T.data;
   }
+  // One class label per sample sets the batch when nothing else does.
+  if (const int labelled = conditioning_batch(options.conditioning); labelled > 0) {
+    if (!args.given("--batch") && seeds.empty() && !x_T_path) batch = labelled;
+    else if (labelled != batch)
+      throw UsageError("--class-labels lists " + std::to_string(labelled) + " labels for a batch of " + std::to_string(batch) +
+                       " (give one for all or one per sample)");
+  }
   if (seeds.empty()) check_seed_range(seed, static_cast<std::uint64_t>(batch), "--seed");
+  if (!ddpm) check_conditioning(*model, options.conditioning, batch);
+  else if (!info.class_kind.empty())
+    throw UsageError("--sampler ddpm takes no class labels; the model is class-conditional (use --sampler ddim)");
 
   // The timesteps this run visits (the same computation the session makes), for --noise.
   TimestepPlan plan;

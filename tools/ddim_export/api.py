@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 
 from .arch import UNetArch, arch_from_diffusers_config, arch_from_original_config, split_original_config
@@ -66,11 +67,53 @@ def _diffusers_reference(config: dict[str, Any], state: dict[str, torch.Tensor])
     return model.eval()
 
 
+def set_class_null(arch: UNetArch, null_class_label=None, null_class_embedding=None) -> None:
+    """Records the unconditional ("null") input of a class-conditional model for classifier-free guidance:
+    `null_class_label` (an integer label in [0, num_class_embeds) or, for class_embed_type "timestep", a number) or
+    `null_class_embedding` (class_embed_type "identity": temb_dim numbers, array-like or a .npy path)."""
+    if null_class_label is None and null_class_embedding is None:
+        return
+    if null_class_label is not None and null_class_embedding is not None:
+        raise ExportError("give null_class_label or null_class_embedding, not both")
+    if arch.class_kind is None:
+        raise ExportError("a null class input was given, but the model is unconditional (no class_embed_type or "
+                          "num_class_embeds)")
+    if arch.class_kind == "vector":
+        if null_class_embedding is None:
+            raise ExportError("the model's class_embed_type is 'identity': give a null class embedding "
+                              f"({arch.temb_dim} values), not a label")
+        v = null_class_embedding
+        if isinstance(v, (str, os.PathLike)):
+            v = np.load(str(v), allow_pickle=False)
+        v = np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64).reshape(-1)
+        if v.size != arch.temb_dim or not np.all(np.isfinite(v)) or np.any(np.abs(v) > 3e38):
+            raise ExportError(f"the null class embedding must hold {arch.temb_dim} finite float32 values "
+                              f"(the time-embedding width), got {v.size} values")
+        arch.class_null = [float(np.float32(x)) for x in v]
+        return
+    if null_class_label is None:
+        raise ExportError(f"the model takes class labels ({arch.class_kind}): give a null class label, not an embedding")
+    try:
+        value = float(null_class_label)
+    except (TypeError, ValueError):
+        raise ExportError(f"the null class label must be a number, got {null_class_label!r}") from None
+    if not np.isfinite(value) or abs(value) > 3e38:
+        raise ExportError(f"the null class label must be finite, got {null_class_label!r}")
+    if arch.class_kind == "index":
+        if value != int(value) or not 0 <= value < arch.num_class_embeds:
+            raise ExportError(f"the null class label must be an integer in [0, num_class_embeds = "
+                              f"{arch.num_class_embeds}), got {null_class_label!r}")
+        arch.class_null = int(value)
+    else:
+        arch.class_null = float(np.float32(value))
+
+
 def export(unet_module, scheduler_config, path, dtype: str = "float32", *, ddim=None, verify: bool = False,
            tolerance: float = DEFAULT_TOLERANCE, timesteps: Iterable[int] | None = None,
-           check: bool = True) -> ExportResult:
+           check: bool = True, null_class_label=None, null_class_embedding=None) -> ExportResult:
     """Exports a diffusers UNet2DModel held in memory. `scheduler_config`: a dict, a diffusers scheduler, a path
-    to a scheduler_config.json, or None (DDIMScheduler's defaults)."""
+    to a scheduler_config.json, or None (DDIMScheduler's defaults). A class-conditional model's null input for
+    guidance is recorded when given (set_class_null)."""
     name = type(unet_module).__name__
     config = getattr(unet_module, "config", None)
     if config is None or not hasattr(unet_module, "state_dict"):
@@ -79,6 +122,7 @@ def export(unet_module, scheduler_config, path, dtype: str = "float32", *, ddim=
         raise ExportError(f"export() needs a diffusers UNet2DModel, got {name}")
     config = {k: v for k, v in dict(config).items()}
     arch = arch_from_diffusers_config(config)
+    set_class_null(arch, null_class_label, null_class_embedding)
     built = build_graph(arch, DiffusersNaming())
     tensors = select_tensors(built, dict(unet_module.state_dict()), "UNet2DModel state dict",
                              hint=arch.missing_keys_hint())
@@ -89,7 +133,7 @@ def export(unet_module, scheduler_config, path, dtype: str = "float32", *, ddim=
 
 def export_diffusers(dir, out, dtype: str = "float32", scheduler_config=None, *, ddim=None, verify: bool = False,
                      tolerance: float = DEFAULT_TOLERANCE, timesteps: Iterable[int] | None = None,
-                     check: bool = True) -> ExportResult:
+                     check: bool = True, null_class_label=None, null_class_embedding=None) -> ExportResult:
     """Exports a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors or .bin), or the
     unet/ of a pipeline folder. The schedule comes from `scheduler_config` (path, dict or scheduler), else from
     scheduler_config.json beside the model or in the pipeline's scheduler/ folder, else DDIMScheduler's defaults."""
@@ -97,6 +141,7 @@ def export_diffusers(dir, out, dtype: str = "float32", scheduler_config=None, *,
     unet_dir = find_unet_folder(root)
     config = read_json(unet_dir / "config.json", "model config")
     arch = arch_from_diffusers_config(config, f"{unet_dir / 'config.json'}")
+    set_class_null(arch, null_class_label, null_class_embedding)
     state = rename_legacy_attention(load_diffusers_weights(unet_dir))
     built = build_graph(arch, DiffusersNaming())
     tensors = select_tensors(built, state, str(unet_dir), hint=arch.missing_keys_hint())

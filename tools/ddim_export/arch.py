@@ -78,6 +78,13 @@ class UNetArch:
     time_embedding_dim: int | None = None  # None: 4 * block_out_channels[0]
     downsample: str = "conv"  # "conv" (3x3 stride 2) or "avg_pool" (the original code without resamp_with_conv)
     upsample_conv: bool = True
+    # Class conditioning (added to the time embedding): None, "index" (class_embed_type None with
+    # num_class_embeds: nn.Embedding), "scalar" (class_embed_type "timestep") or "vector" ("identity").
+    class_kind: str | None = None
+    num_class_embeds: int | None = None
+    # The unconditional ("null") input recorded in the file for classifier-free guidance: an int label (index), a
+    # float (scalar) or a list of temb_dim floats (vector); None: none recorded.
+    class_null: Any = None
     # Shape-relevant UNet2DModel keys the config did not set (they took UNet2DModel's defaults): named in the
     # error when the weights do not fit.
     defaulted_keys: tuple[str, ...] = ()
@@ -130,6 +137,8 @@ class UNetArch:
             "attn_norm_num_groups": self.mid_attn_groups,
             "norm_eps": self.norm_eps,
             "add_attention": self.add_attention,
+            "class_embed_type": {None: None, "index": None, "scalar": "timestep", "vector": "identity"}[self.class_kind],
+            "num_class_embeds": self.num_class_embeds if self.class_kind == "index" else None,
         }
 
 
@@ -215,10 +224,16 @@ def arch_from_diffusers_config(config: dict[str, Any], where: str = "UNet2DModel
 
     if cfg["time_embedding_type"] != "positional":
         refuse("time_embedding_type", "'positional' only")
-    if cfg["class_embed_type"] is not None:
-        refuse("class_embed_type", "no class embedding (null) only")
-    if cfg["num_class_embeds"] is not None:
-        refuse("num_class_embeds", "no class embedding (null) only")
+    class_kind, num_class_embeds = None, None
+    if cfg["class_embed_type"] is None:
+        if cfg["num_class_embeds"] is not None:
+            class_kind, num_class_embeds = "index", _int(cfg, "num_class_embeds", 1, where)
+    elif cfg["class_embed_type"] == "timestep":
+        class_kind = "scalar"
+    elif cfg["class_embed_type"] == "identity":
+        class_kind = "vector"
+    else:
+        refuse("class_embed_type", "null (with or without num_class_embeds), 'timestep' or 'identity'")
     if cfg["resnet_time_scale_shift"] != "default":
         refuse("resnet_time_scale_shift", "'default' only; scale_shift / spatial time conditioning is not in the graph")
     if cfg["act_fn"] not in ("silu", "swish"):
@@ -298,6 +313,8 @@ def arch_from_diffusers_config(config: dict[str, Any], where: str = "UNet2DModel
         add_attention=_bool(cfg, "add_attention", where),
         mid_block_scale_factor=scale,
         time_embedding_dim=temb_dim,
+        class_kind=class_kind,
+        num_class_embeds=num_class_embeds,
     )
     arch.defaulted_keys = tuple(k for k in _SHAPE_KEYS if k not in config)
     check_attention_widths(arch, where)

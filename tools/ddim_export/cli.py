@@ -87,6 +87,12 @@ def make_parser() -> argparse.ArgumentParser:
                           "(default: the model weights)")
     opt.add_argument("--random", action="store_true", help="with --preset: random weights (required)")
     opt.add_argument("--seed", type=_nonneg_int, default=None, metavar="S", help="with --preset: the weights' seed (default: 0)")
+    opt.add_argument("--null-class-label", metavar="X", default=None,
+                     help="class-conditional models: record this unconditional label (num_class_embeds: an integer "
+                          "class; class_embed_type 'timestep': a number) for classifier-free guidance")
+    opt.add_argument("--null-class-embedding", metavar="FILE.npy", default=None,
+                     help="class_embed_type 'identity': record this unconditional embedding (time-embedding width "
+                          "values) for classifier-free guidance")
     opt.add_argument("--verify", action="store_true",
                      help="compare `ddim forward` with PyTorch on random inputs at several timesteps; on a mismatch, "
                           "report the first diverging graph node; exit 1 over the tolerance (default: off)")
@@ -130,16 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     from . import api
 
     common = dict(ddim=args.ddim, verify=args.verify, tolerance=args.tolerance, timesteps=args.timesteps)
+    if (args.null_class_label is not None or args.null_class_embedding is not None) and source == "ddpm_checkpoint":
+        parser.error("--null-class-label and --null-class-embedding go with --diffusers or --preset (original DDPM "
+                     "checkpoints are unconditional)")
+    null = dict(null_class_label=args.null_class_label, null_class_embedding=args.null_class_embedding)
     try:
         if source == "diffusers":
-            result = api.export_diffusers(args.diffusers, args.out, args.dtype, args.scheduler_config, **common)
+            result = api.export_diffusers(args.diffusers, args.out, args.dtype, args.scheduler_config, **common, **null)
         elif source == "ddpm_checkpoint":
             result = api.export_ddpm_checkpoint(args.ddpm_checkpoint, args.config, args.out, args.dtype, ema=args.ema,
                                                 **common)
         else:
             seed = args.seed if args.seed is not None else 0
             scheduler = args.scheduler_config if args.scheduler_config is not None else api.PRESET_SCHEDULER
-            result = api.export(api.preset_unet(args.preset, seed), scheduler, args.out, args.dtype, **common)
+            result = api.export(api.preset_unet(args.preset, seed), scheduler, args.out, args.dtype, **common, **null)
     except ExportError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1

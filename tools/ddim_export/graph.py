@@ -242,6 +242,31 @@ def build_graph(arch: UNetArch, naming=None) -> BuiltGraph:
     t = b.linear("time_embedding.linear_1", t, ch0, temb_c)
     t = b.node("time_embedding.act", "silu", [t])
     t = b.linear("time_embedding.linear_2", t, temb_c, temb_c)
+    class_input = None
+    if a.class_kind is not None:
+        # diffusers UNet2DModel: emb = time_embedding(time_proj(t)) + class_embedding(labels), where "timestep"
+        # labels go through the same time_proj first and "identity" labels are added as given.
+        if a.class_kind == "index":
+            class_input = {"kind": "index", "num_classes": a.num_class_embeds}
+            p: dict[str, str] = {}
+            b.param("class_embedding", "weight", "weight", [(a.num_class_embeds, temb_c)], p)
+            ce = b.node("class_embedding", "embedding", ["class_labels"],
+                        {"num_embeddings": a.num_class_embeds, "dim": temb_c}, p)
+        elif a.class_kind == "scalar":
+            class_input = {"kind": "scalar"}
+            ce = b.node("class_proj", "timestep_embedding", ["class_labels"],
+                        {"dim": ch0, "flip_sin_to_cos": bool(a.flip_sin_to_cos), "freq_shift": float(a.freq_shift)})
+            ce = b.linear("class_embedding.linear_1", ce, ch0, temb_c)
+            ce = b.node("class_embedding.act", "silu", [ce])
+            ce = b.linear("class_embedding.linear_2", ce, temb_c, temb_c)
+        elif a.class_kind == "vector":
+            class_input = {"kind": "vector", "dim": temb_c}
+            ce = "class_labels"
+        else:
+            raise AssertionError(a.class_kind)
+        if a.class_null is not None:
+            class_input["null"] = a.class_null
+        t = b.node("class_embedding.add", "add", [t, ce])
     # Every ResnetBlock2D applies SiLU to the embedding first; one shared node computes it.
     temb = b.node("time_embedding.silu_out", "silu", [t])
 
@@ -307,4 +332,6 @@ def build_graph(arch: UNetArch, naming=None) -> BuiltGraph:
         "output": x,
         "nodes": b.nodes,
     }
+    if class_input is not None:
+        graph["inputs"]["class_labels"] = class_input
     return BuiltGraph(graph, b.params)

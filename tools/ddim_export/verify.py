@@ -238,6 +238,17 @@ def verify(path, unet, *, ddim=None, timesteps: Iterable[int] | None = None, tol
     inputs = graph["inputs"]["sample"]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, inputs["channels"], inputs["height"], inputs["width"], generator=gen)
+    # Class-conditional models: labels for the batch (index: 0, 1, ...; scalar: spread over the timestep range;
+    # vector: N(0, 1) embeddings), given to both sides.
+    labels, label_args = None, []
+    cls = graph["inputs"].get("class_labels")
+    if cls is not None:
+        if cls["kind"] == "vector":
+            labels = torch.randn(batch, cls["dim"], generator=gen)
+        elif cls["kind"] == "index":
+            labels = torch.arange(batch, dtype=torch.long) % int(cls["num_classes"])
+        else:
+            labels = torch.linspace(0, T - 1, batch)
 
     with _quiet_diffusers():
         reference = copy.deepcopy(unet).to("cpu", torch.float32).eval()
@@ -254,16 +265,22 @@ def verify(path, unet, *, ddim=None, timesteps: Iterable[int] | None = None, tol
     with tempfile.TemporaryDirectory(prefix="ddim_verify_") as tmpdir:
         tmp = Path(tmpdir)
         np.save(tmp / "x.npy", x.numpy())
+        if labels is not None and cls["kind"] == "vector":
+            np.save(tmp / "class_embeddings.npy", labels.numpy().astype(np.float32))
+            label_args = ["--class-embeddings", str(tmp / "class_embeddings.npy")]
+        elif labels is not None:
+            label_args = ["--class-labels", ",".join(repr(float(v)) for v in labels.tolist())]
         for t in ts:
             tt = torch.full((batch,), t, dtype=torch.long)
             with torch.no_grad():
-                want = reference(x, tt).sample.numpy().astype(np.float64)
+                kw = {} if labels is None else {"class_labels": labels}
+                want = reference(x, tt, **kw).sample.numpy().astype(np.float64)
                 vs32 = None
                 if fp32_model is not None:
-                    vs32 = fp32_model(x, tt).sample.numpy().astype(np.float64)
+                    vs32 = fp32_model(x, tt, **kw).sample.numpy().astype(np.float64)
             out = tmp / f"y_{t}.npy"
             _run([binary, "forward", "--model", str(path), "--x", str(tmp / "x.npy"), "--t", str(t), "--out", str(out),
-                  "--device", "cpu", "--precision", "fp32"], "ddim forward")
+                  "--device", "cpu", "--precision", "fp32", *label_args], "ddim forward")
             got = np.load(out).astype(np.float64)
             if got.shape != want.shape:
                 raise ExportError(f"ddim forward returned shape {got.shape}, PyTorch {want.shape}")
@@ -284,7 +301,7 @@ def verify(path, unet, *, ddim=None, timesteps: Iterable[int] | None = None, tol
                 tail = f"{'':4}{r.vs_fp32:13.3e}" if r.vs_fp32 is not None else ""
                 print(f"  {r.t:>6}  {r.max_abs:10.3e}  {r.max_rel:10.3e}  {r.ref_max:10.3g}  "
                       f"{'ok    ' if r.ok else 'FAIL  '}{tail}".rstrip(), file=log)
-        if not report.ok and find_divergence:
+        if not report.ok and find_divergence and labels is None:  # (the node search runs unconditional models)
             failing = next(r for r in report.results if not r.ok)
             report.first_divergence = f"t={failing.t}: " + _first_divergence(
                 reference, x, failing.t, graph, binary, path, tmp, tolerance)

@@ -143,7 +143,8 @@ def write_model(out: str | os.PathLike, built: BuiltGraph, schedule: Schedule, t
             raise ExportError(f"the schedule table name {name} collides with a weight")
         converted[name] = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float64))
     metadata = {
-        "ddim.format_version": FORMAT_VERSION,
+        # Version 2 only where needed (class_labels), so that older readers keep loading every other file.
+        "ddim.format_version": "2" if "class_labels" in built.graph["inputs"] else FORMAT_VERSION,
         "ddim.graph": json.dumps(built.graph, allow_nan=False, separators=(",", ":")),
         "ddim.schedule": json.dumps(schedule.doc, allow_nan=False, separators=(",", ":")),
         "exporter": EXPORTER_VERSION,

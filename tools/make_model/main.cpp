@@ -16,13 +16,16 @@ namespace {
 void usage(FILE* f) {
   std::fprintf(f,
                "usage: ddim-make-model --preset tiny|small|cifar10-32|celebahq-256 --out FILE [--seed 0] [--dtype f32|f16|bf16]\n"
-               "                       [--train-timesteps 1000]\n"
+               "                       [--train-timesteps 1000] [--class index|scalar|vector] [--num-classes 10] [--record-null]\n"
                "  Writes a ddim model file with random weights (PyTorch's default init scale) and a linear\n"
                "  beta schedule (1e-4 .. 0.02) over --train-timesteps steps (fewer make DDPM runs short, for tests).\n"
                "  tiny:       32x32 RGB, channels (32, 64), attention at 16x16, 1 layer per block\n"
                "  small:      32x32 RGB, channels (64, 128, 128), attention at 16x16, 2 layers per block\n"
                "  cifar10-32: the google/ddpm-cifar10-32 architecture (35.7M parameters)\n"
-               "  celebahq-256: the google/ddpm-celebahq-256 architecture (113.7M parameters)\n");
+               "  celebahq-256: the google/ddpm-celebahq-256 architecture (113.7M parameters)\n"
+               "  --class makes a class-conditional model (diffusers' num_class_embeds, class_embed_type \"timestep\" or\n"
+               "  \"identity\"); --record-null records the unconditional input for guidance (index: the last class,\n"
+               "  scalar: 0, vector: zeros).\n");
 }
 
 }  // namespace
@@ -32,6 +35,9 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 0;
   int train_timesteps = 1000;
   ddim::format::DType dtype = ddim::format::DType::F32;
+  std::string class_kind = "none";
+  int num_classes = 10;
+  bool record_null = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -60,6 +66,21 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "ddim-make-model: error: --train-timesteps needs an integer in [2, 100000], got '%s'\n", v.c_str());
         return 2;
       }
+    } else if (a == "--class") {
+      class_kind = value();
+      if (class_kind != "none" && class_kind != "index" && class_kind != "scalar" && class_kind != "vector") {
+        std::fprintf(stderr, "ddim-make-model: error: --class must be none, index, scalar or vector\n");
+        return 2;
+      }
+    } else if (a == "--num-classes") {
+      std::string v = value();
+      auto r = std::from_chars(v.data(), v.data() + v.size(), num_classes);
+      if (r.ec != std::errc() || r.ptr != v.data() + v.size() || num_classes < 1 || num_classes > 1000000) {
+        std::fprintf(stderr, "ddim-make-model: error: --num-classes needs an integer in [1, 1000000], got '%s'\n", v.c_str());
+        return 2;
+      }
+    } else if (a == "--record-null") {
+      record_null = true;
     } else if (a == "--dtype") {
       std::string v = value();
       if (v == "f32") dtype = ddim::format::DType::F32;
@@ -97,6 +118,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ddim-make-model: error: unknown preset '%s' (tiny, small, cifar10-32, celebahq-256)\n", preset.c_str());
     return 2;
   }
+  using ddim::graph::ClassKind;
+  c.class_kind = class_kind == "index" ? ClassKind::Index : class_kind == "scalar" ? ClassKind::Scalar
+                 : class_kind == "vector" ? ClassKind::Vector : ClassKind::None;
+  c.num_classes = num_classes;
+  if (record_null && c.class_kind != ClassKind::None)
+    c.class_null.assign(c.class_kind == ClassKind::Vector ? std::size_t(4 * c.block_out_channels[0]) : 1,
+                        c.class_kind == ClassKind::Index ? float(num_classes - 1) : 0.0f);
   try {
     ddim::ScheduleConfig schedule;  // linear betas 1e-4..0.02, epsilon
     schedule.num_train_timesteps = train_timesteps;

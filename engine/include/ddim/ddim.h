@@ -125,7 +125,15 @@ typedef struct ddim_model_info {
   int height, width; /* the sample size the model declares */
   int64_t parameter_count;
   int64_t node_count;
+  /* Class conditioning (format version 2): DDIM_CLASS_NONE for an unconditional model, else the
+     kind of its labels; num_classes (INDEX) and class_dim (values per sample: 1, or D for VECTOR);
+     has_null: the file records the unconditional input for guidance. */
+  int class_kind;
+  int num_classes;
+  int class_dim;
+  int has_null;
 } ddim_model_info;
+enum { DDIM_CLASS_NONE = 0, DDIM_CLASS_INDEX = 1, DDIM_CLASS_SCALAR = 2, DDIM_CLASS_VECTOR = 3 };
 DDIM_C_API ddim_status ddim_model_get_info(const ddim_model* model, ddim_model_info* info);
 /* The human-readable architecture summary (`ddim info`): writes min(length + 1, capacity) bytes,
    NUL-terminated when capacity > 0 (truncated to fit); *length (may be NULL) receives the full
@@ -199,6 +207,24 @@ typedef struct ddim_plan_info {
 /* The strings point into the session: valid until its next call (or release). */
 DDIM_C_API ddim_status ddim_session_get_plan_info(ddim_session* session, ddim_plan_info* info);
 
+/* Class labels and classifier-free guidance for a class-conditional model (ddim::ClassConditioning
+   in ddim/session.hpp; README "Class-conditional models"). An unconditional model refuses any
+   setting here other than the defaults; a conditional one needs labels. */
+typedef struct ddim_class_conditioning {
+  size_t struct_size;
+  const double* class_labels;         /* index / scalar models: 1 (for all) or N labels */
+  size_t class_label_count;
+  const float* class_embeddings;      /* vector models: D (for all) or N * D values */
+  size_t class_embedding_count;
+  double guidance_scale;              /* w in [0, 1000]; default 1: the conditional model only */
+  double guidance_rescale;            /* diffusers' guidance_rescale in [0, 1]; default 0 (off) */
+  int has_null_class_label;           /* non-zero: null_class_label replaces the file's null label */
+  double null_class_label;
+  const float* null_class_embedding;  /* vector models: D values replacing the file's; NULL: the file's */
+  size_t null_class_embedding_count;
+} ddim_class_conditioning;
+DDIM_C_API void ddim_class_conditioning_init(ddim_class_conditioning* conditioning);
+
 typedef struct ddim_sample_options {
   size_t struct_size;
   int steps;                 /* default 50 */
@@ -228,6 +254,7 @@ typedef struct ddim_sample_options {
   const float* noise_device; /* (S, N, C, H, W) fp32, instead of noise */
   void* output_device;       /* the final images, instead of the host `images` buffer */
   int output_type;           /* DDIM_OUTPUT_FLOAT32 or DDIM_OUTPUT_SESSION_PRECISION */
+  const ddim_class_conditioning* conditioning; /* class-conditional models; NULL: none */
 } ddim_sample_options;
 DDIM_C_API void ddim_sample_options_init(ddim_sample_options* options);
 
@@ -276,6 +303,7 @@ typedef struct ddim_invert_options {
   size_t trajectory_count;
   ddim_progress_fn progress;
   void* progress_user;
+  const ddim_class_conditioning* conditioning; /* class-conditional models (every model evaluation); NULL: none */
 } ddim_invert_options;
 DDIM_C_API void ddim_invert_options_init(ddim_invert_options* options);
 /* Deterministic DDIM inversion of x0 (N, C, H, W) into x_T (same size). */
@@ -290,6 +318,12 @@ typedef void (*ddim_node_fn)(void* user, const char* node, const int64_t* shape,
    out (N, out_c, H, W). dump may be NULL. */
 DDIM_C_API ddim_status ddim_session_forward(ddim_session* session, const float* x, size_t x_count, const int* t,
                                             size_t t_count, float* out, size_t out_count, ddim_node_fn dump, void* user);
+/* The same for a class-conditional model, with its labels (conditioning may be NULL for an
+   unconditional model); with guidance_scale != 1 the guided output (dump must then be NULL). */
+DDIM_C_API ddim_status ddim_session_forward_conditioned(ddim_session* session, const float* x, size_t x_count,
+                                                        const int* t, size_t t_count,
+                                                        const ddim_class_conditioning* conditioning, float* out,
+                                                        size_t out_count, ddim_node_fn dump, void* user);
 
 /* ---- CUDA sessions in the caller's GPU pipeline (a CPU session: DDIM_ERR_INVALID_ARGUMENT) */
 /* Every later call of the session enqueues its work on `cuda_stream` (a cudaStream_t of the

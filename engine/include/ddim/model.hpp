@@ -7,6 +7,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "ddim/export.hpp"
 #include "ddim/schedule.hpp"
@@ -22,6 +23,13 @@ struct ModelInfo {
   std::int64_t parameter_count = 0;
   std::int64_t node_count = 0;
   std::map<std::string, std::int64_t> tensors_by_dtype;  // "F32" -> count, as stored in the file
+  // Class conditioning (format version 2): "" for an unconditional model, else "index" (integer
+  // labels in [0, num_classes)), "scalar" or "vector" (class_dim values per sample); the null
+  // (unconditional) input the file records for classifier-free guidance, if any.
+  std::string class_kind;
+  int num_classes = 0;
+  int class_dim = 0;
+  std::vector<float> null_class;  // 1 value (index, scalar) or class_dim values; empty: none recorded
 };
 
 class DDIM_API Model {

@@ -71,6 +71,29 @@ struct SessionOptions {
 // another thread sets (an std::atomic) to cancel from there; tests/tsan checks this.
 using ProgressCallback = std::function<bool(int done, int total)>;
 
+// Class conditioning and classifier-free guidance, for models exported with class labels
+// (ModelInfo::class_kind; weights/FORMAT.md section 8). A conditional model needs labels (as in
+// diffusers); an unconditional model refuses every field here except the defaults.
+//   index models  (nn.Embedding): class_labels are integers in [0, num_classes);
+//   scalar models (class_embed_type "timestep"): class_labels are real numbers;
+//   vector models (class_embed_type "identity"): class_embeddings, D = the time-embedding width.
+// One label (or one D-vector) applies to every sample; else one per sample (N).
+// Guidance: model output = u + w (c - u) with c the output for the sample's label and u the
+// output for the null label, both from one forward of 2N samples; w = 1 runs only the conditional
+// half (N). guidance_rescale (phi in [0, 1]) then applies diffusers' rescale_noise_cfg to the
+// guided output, whatever the prediction type. The null label comes from here, else from the
+// model file (recorded by the exporter when told); with neither, guidance is an error.
+// Both backends: the CUDA backend gathers each sample's folded rows on the device and combines the
+// halves in a kernel (kernels/guidance.cu) with the same per-element math (kernels/cfg.h).
+struct ClassConditioning {
+  std::vector<double> class_labels;            // index / scalar models: N values, or 1 for all
+  std::vector<float> class_embeddings;         // vector models: (N, D), or (D) for all
+  double guidance_scale = 1.0;                 // w, finite, in [0, 1000]
+  double guidance_rescale = 0.0;               // phi in [0, 1]; 0: off
+  std::optional<double> null_class_label;      // index / scalar models; default: the file's
+  std::vector<float> null_class_embedding;     // vector models: (D); default: the file's
+};
+
 // The element type of images a CUDA session writes into a caller's device buffer.
 enum class OutputType { Float32, SessionPrecision };
 
@@ -106,6 +129,7 @@ struct SampleOptions {
   const float* noise_device = nullptr;
   void* output_device = nullptr;
   OutputType output_type = OutputType::Float32;
+  ClassConditioning conditioning;        // class labels and guidance (class-conditional models)
 };
 
 struct SampleResult {
@@ -126,6 +150,11 @@ struct PlanInfo {
   std::string precision;
   int batch = 0, height = 0, width = 0;
   std::vector<std::string> folded_nodes;  // evaluated once per schedule into tables
+  std::vector<std::string> folded_per_label;  // those of folded_nodes evaluated per (step, class
+                                              // label) (class-conditional models): their tables
+                                              // hold one row per step and distinct label of a call
+  int forward_batch = 0;                  // samples the memory plan holds: the batch, or 2x the
+                                          // batch for a class-conditional model (guidance)
   std::vector<std::string> fusions;       // e.g. "up_blocks.0.resnets.0.norm1 + silu"
   std::size_t arena_bytes = 0;            // activation arena (liveness-planned)
   std::size_t unplanned_bytes = 0;        // sum of all activation buffers without the plan
@@ -161,6 +190,10 @@ class DDIM_API Session {
   using NodeOutputCallback = std::function<void(const std::string& node, const std::vector<std::int64_t>& shape,
                                                 std::span<const float> values)>;
   std::vector<float> forward(std::span<const float> x, std::span<const int> t, const NodeOutputCallback& dump);
+  // One forward pass of a class-conditional model with its labels; with guidance_scale != 1 the
+  // guided output (both halves in one forward of 2N). `dump`, when set, sees the conditional half.
+  std::vector<float> forward(std::span<const float> x, std::span<const int> t, const ClassConditioning& conditioning,
+                             const NodeOutputCallback& dump = {});
 
   // The timesteps sample(options) visits (the count can differ from options.steps, e.g. uniform
   // spacing), without sampling: the size of what it returns, e.g. trajectory (S + 1, N, C, H, W)

@@ -61,6 +61,8 @@ struct InvertOptions {
   int refine = 0;                  // fixed-point refinements per step (Current only; 0 .. 100)
   ProgressCallback progress;       // (steps done, steps total) after every step; false cancels
   bool want_trajectory = false;    // x after each step, x0 first: (S+1, N, C, H, W)
+  ClassConditioning conditioning;  // class labels and guidance (class-conditional models): every
+                                   // model evaluation of the inversion uses them
 };
 
 struct InvertResult {

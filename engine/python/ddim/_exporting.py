@@ -63,7 +63,8 @@ def _dtype_name(dtype: Any) -> str:
 
 def export(unet: Any, scheduler_config: Any, path: PathLike, dtype: Any = "float32", *, verify: bool = False,
            tolerance: Optional[float] = None, timesteps: Optional[list[int]] = None,
-           ddim_bin: Optional[PathLike] = None) -> Model:
+           ddim_bin: Optional[PathLike] = None, null_class_label: Optional[float] = None,
+           null_class_embedding: Any = None) -> Model:
     """Exports a diffusers ``UNet2DModel`` held in memory to the ddim model file ``path`` and loads it.
 
     scheduler_config: a dict (e.g. ``DDIMScheduler.config``), a diffusers scheduler, a path to a
@@ -74,6 +75,10 @@ def export(unet: Any, scheduler_config: Any, path: PathLike, dtype: Any = "float
     verify=True also compares the engine with PyTorch on random inputs through the ``ddim`` command-line tool
     (``ddim_bin``, else $DDIM_BIN or ``ddim`` on PATH) and raises VerificationError beyond ``tolerance``.
 
+    A class-conditional model (num_class_embeds, class_embed_type "timestep" or "identity") records the
+    unconditional input for classifier-free guidance when given: null_class_label (a label) or
+    null_class_embedding (a vector of the time-embedding width).
+
     Needs torch, diffusers and safetensors (``pip install 'ddim[export]'``), else ImportError.
     Raises ExportError (a ValueError) for an unsupported model or config.
     """
@@ -83,6 +88,10 @@ def export(unet: Any, scheduler_config: Any, path: PathLike, dtype: Any = "float
         kwargs["tolerance"] = tolerance
     if timesteps is not None:
         kwargs["timesteps"] = timesteps
+    if null_class_label is not None:
+        kwargs["null_class_label"] = null_class_label
+    if null_class_embedding is not None:
+        kwargs["null_class_embedding"] = null_class_embedding
     with _translated(ex):
         result = ex.export(unet, scheduler_config, path, _dtype_name(dtype), **kwargs)
     return Model(result.path)

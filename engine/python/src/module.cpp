@@ -79,6 +79,12 @@ void bind_model(nb::module_& m) {
       .def_ro("width", &ddim::ModelInfo::width, "The sample width the model declares.")
       .def_ro("parameter_count", &ddim::ModelInfo::parameter_count, "Number of weight values.")
       .def_ro("node_count", &ddim::ModelInfo::node_count, "Number of graph nodes.")
+      .def_ro("class_kind", &ddim::ModelInfo::class_kind,
+              "Class conditioning: '' (unconditional), 'index' (integer labels), 'scalar' or 'vector' (class_dim values).")
+      .def_ro("num_classes", &ddim::ModelInfo::num_classes, "'index' models: labels are integers in [0, num_classes).")
+      .def_ro("class_dim", &ddim::ModelInfo::class_dim, "Values per sample's condition (1, or D for 'vector').")
+      .def_ro("null_class", &ddim::ModelInfo::null_class,
+              "The unconditional input the file records for guidance (empty when none).")
       .def_ro("tensors_by_dtype", &ddim::ModelInfo::tensors_by_dtype,
               "Tensor count per stored dtype, e.g. {'F32': 120}.")
       .def("__repr__", [](const ddim::ModelInfo& i) {

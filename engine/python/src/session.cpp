@@ -319,13 +319,44 @@ void session_init(PySession* self, const PyModel& model, const std::string& devi
   s->c_out = model.model->info().out_channels;
 }
 
+// The class-conditioning keyword arguments of sample, invert and forward (ddim::ClassConditioning):
+// class_labels a number or a sequence / 1-D array of numbers; class_embeddings and
+// null_class_embedding float32 arrays ((N, D) or (D), and (D)).
+ddim::ClassConditioning conditioning_of(nb::handle labels, nb::handle embeddings, double scale, double rescale,
+                                        nb::handle null_label, nb::handle null_embedding) {
+  ddim::ClassConditioning c;
+  if (!labels.is_none()) {
+    if (PySequence_Check(labels.ptr()) || nb::hasattr(labels, "__array__")) {
+      for (nb::handle v : nb::iter(labels)) c.class_labels.push_back(nb::cast<double>(v));
+      if (c.class_labels.empty()) invalid("class_labels is empty");
+    } else {
+      c.class_labels.push_back(nb::cast<double>(labels));
+    }
+  }
+  auto floats = [](nb::handle a, const char* what) {
+    InArray arr = import_array(a, what, false);
+    const auto span = arr.host_span();
+    return std::vector<float>(span.begin(), span.end());
+  };
+  if (!embeddings.is_none()) c.class_embeddings = floats(embeddings, "class_embeddings");
+  c.guidance_scale = scale;
+  c.guidance_rescale = rescale;
+  if (!null_label.is_none()) c.null_class_label = nb::cast<double>(null_label);
+  if (!null_embedding.is_none()) c.null_class_embedding = floats(null_embedding, "null_class_embedding");
+  return c;
+}
+
 nb::object sample(PySession& s, int steps, double eta, nb::handle seed_arg, nb::handle seeds_arg,
                   nb::handle x_T, nb::handle noise, std::optional<std::string> spacing,
                   std::optional<std::vector<int>> timesteps, std::optional<bool> clip_sample,
                   std::optional<bool> set_alpha_to_one, std::optional<int> steps_offset, bool use_clipped_model_output,
-                  bool trajectory, bool x0, nb::handle progress, const std::string& output) {
+                  bool trajectory, bool x0, nb::handle progress, const std::string& output, nb::handle class_labels,
+                  nb::handle class_embeddings, double guidance_scale, double guidance_rescale,
+                  nb::handle null_class_label, nb::handle null_class_embedding) {
   Busy busy(s);
   ddim::SampleOptions o;
+  o.conditioning = conditioning_of(class_labels, class_embeddings, guidance_scale, guidance_rescale, null_class_label,
+                                   null_class_embedding);
   o.steps = steps;
   o.eta = eta;
   o.seed = seed_of(seed_arg, "seed");
@@ -446,9 +477,12 @@ nb::object sample_ddpm(PySession& s, nb::handle seed_arg, nb::handle seeds_arg, 
 
 nb::object invert(PySession& s, nb::handle x0, int steps, std::optional<std::string> spacing,
                   std::optional<std::vector<int>> timesteps, const std::string& model_time, int refine, bool trajectory,
-                  nb::handle progress) {
+                  nb::handle progress, nb::handle class_labels, nb::handle class_embeddings, double guidance_scale,
+                  double guidance_rescale, nb::handle null_class_label, nb::handle null_class_embedding) {
   Busy busy(s);
   ddim::InvertOptions o;
+  o.conditioning = conditioning_of(class_labels, class_embeddings, guidance_scale, guidance_rescale, null_class_label,
+                                   null_class_embedding);
   o.steps = steps;
   o.spacing = spacing_of(spacing);
   if (timesteps) {
@@ -477,8 +511,12 @@ nb::object invert(PySession& s, nb::handle x0, int steps, std::optional<std::str
   return nb::cast(res, nb::rv_policy::take_ownership);
 }
 
-nb::object forward(PySession& s, nb::handle x, nb::handle t, nb::handle dump) {
+nb::object forward(PySession& s, nb::handle x, nb::handle t, nb::handle dump, nb::handle class_labels,
+                   nb::handle class_embeddings, double guidance_scale, double guidance_rescale, nb::handle null_class_label,
+                   nb::handle null_class_embedding) {
   Busy busy(s);
+  const ddim::ClassConditioning cond = conditioning_of(class_labels, class_embeddings, guidance_scale, guidance_rescale,
+                                                       null_class_label, null_class_embedding);
   InArray xa = import_array(x, "x", false);
   check_shape(xa, "x", s.batch_shape());
   std::vector<int> ts;
@@ -492,7 +530,7 @@ nb::object forward(PySession& s, nb::handle x, nb::handle t, nb::handle dump) {
   }
   std::vector<float> out;
   if (dump.is_none()) {
-    out = run_released(nullptr, [&] { return s.session->forward(xa.host_span(), ts); });
+    out = run_released(nullptr, [&] { return s.session->forward(xa.host_span(), ts, cond); });
   } else {
     if (!PyCallable_Check(dump.ptr())) invalid("forward: dump must be a callable (name, array) or None");
     std::optional<nb::python_error> error;
@@ -510,7 +548,7 @@ nb::object forward(PySession& s, nb::handle x, nb::handle t, nb::handle dump) {
       }
     };
     try {
-      out = run_released(nullptr, [&] { return s.session->forward(xa.host_span(), ts, cb); });
+      out = run_released(nullptr, [&] { return s.session->forward(xa.host_span(), ts, cond, cb); });
     } catch (...) {
       if (error) {
         nb::python_error e = std::move(*error);
@@ -598,7 +636,8 @@ void bind_session(nb::module_& m) {
            "x_T"_a = nb::none(), "noise"_a = nb::none(), "spacing"_a = nb::none(), "timesteps"_a = nb::none(),
            "clip_sample"_a = nb::none(), "set_alpha_to_one"_a = nb::none(), "steps_offset"_a = nb::none(),
            "use_clipped_model_output"_a = false, "trajectory"_a = false, "x0"_a = false, "progress"_a = nb::none(),
-           "output"_a = "host",
+           "output"_a = "host", "class_labels"_a = nb::none(), "class_embeddings"_a = nb::none(), "guidance_scale"_a = 1.0,
+           "guidance_rescale"_a = 0.0, "null_class_label"_a = nb::none(), "null_class_embedding"_a = nb::none(),
            nb::sig("def sample(self, steps: int = 50, *, eta: float = 0.0, seed: int = 0, "
                    "seeds: collections.abc.Sequence[int] | None = None, x_T: object | None = None, "
                    "noise: object | None = None, spacing: str | None = None, "
@@ -606,7 +645,10 @@ void bind_session(nb::module_& m) {
                    "set_alpha_to_one: bool | None = None, steps_offset: int | None = None, "
                    "use_clipped_model_output: bool = False, trajectory: bool = False, x0: bool = False, "
                    "progress: bool | collections.abc.Callable[[int, int], object] | None = None, "
-                   "output: str = 'host') -> numpy.typing.NDArray[numpy.float32] | SampleResult"),
+                   "output: str = 'host', " "class_labels: float | collections.abc.Sequence[float] | None = None, "
+                   "class_embeddings: object | None = None, guidance_scale: float = 1.0, "
+                   "guidance_rescale: float = 0.0, null_class_label: float | None = None, "
+                   "null_class_embedding: object | None = None) -> numpy.typing.NDArray[numpy.float32] | SampleResult"),
            (std::string("DDIM sampling of a whole batch. Returns the images, a float32 NumPy array (N, C, H, W) (raw "
                         "model space, not clamped), or a SampleResult (images, trajectory, x0, timesteps, warning) "
                         "when trajectory or x0 is True.\n\n"
@@ -624,7 +666,12 @@ void bind_session(nb::module_& m) {
                         "InvalidArgumentError. On a CUDA session, CUDA arrays (PyTorch, CuPy, DLPack or "
                         "__cuda_array_interface__, float32 C-contiguous, on the session's device) are read in place "
                         "for x_T and noise; the binding waits for the device (cudaDeviceSynchronize) before reading "
-                        "them.") +
+                        "them." " Class-conditional models: class_labels (one number for all or one per sample; integers for "
+                        "num_class_embeds models) or class_embeddings ((N, D) or (D), 'identity' models); "
+                        "guidance_scale w: classifier-free guidance u + w (c - u), both halves in one forward (1: "
+                        "the conditional model only); guidance_rescale: diffusers' guidance_rescale; "
+                        "null_class_label / null_class_embedding: the unconditional input (default: the model "
+                        "file's).") +
             kArrayNote + " A RuntimeWarning says when the spacing gives a different step count than asked.")
                .c_str())
       .def("sample_ddpm", &sample_ddpm, nb::kw_only(), "seed"_a = 0, "seeds"_a = nb::none(), "x_T"_a = nb::none(),
@@ -642,27 +689,46 @@ void bind_session(nb::module_& m) {
                .c_str())
       .def("invert", &invert, "x0"_a, nb::kw_only(), "steps"_a = 50, "spacing"_a = nb::none(),
            "timesteps"_a = nb::none(), "model_time"_a = "current", "refine"_a = 0, "trajectory"_a = false,
-           "progress"_a = nb::none(),
+           "progress"_a = nb::none(), "class_labels"_a = nb::none(), "class_embeddings"_a = nb::none(), "guidance_scale"_a = 1.0,
+           "guidance_rescale"_a = 0.0, "null_class_label"_a = nb::none(), "null_class_embedding"_a = nb::none(),
            nb::sig("def invert(self, x0: object, *, steps: int = 50, spacing: str | None = None, "
                    "timesteps: collections.abc.Sequence[int] | None = None, model_time: str = 'current', "
                    "refine: int = 0, trajectory: bool = False, "
-                   "progress: bool | collections.abc.Callable[[int, int], object] | None = None) -> "
+                   "progress: bool | collections.abc.Callable[[int, int], object] | None = None, " "class_labels: float | collections.abc.Sequence[float] | None = None, "
+                   "class_embeddings: object | None = None, guidance_scale: float = 1.0, "
+                   "guidance_rescale: float = 0.0, null_class_label: float | None = None, "
+                   "null_class_embedding: object | None = None) -> "
                    "numpy.typing.NDArray[numpy.float32] | InvertResult"),
            (std::string("Deterministic DDIM inversion of x0 (N, C, H, W) to the x_T from which sample() with the "
                         "same steps / spacing at eta = 0 (clip_sample off) returns x0, up to the discretisation "
                         "error. model_time: 'current' (the DDIM ODE run backwards) or 'next' (diffusers' "
                         "DDIMInverseScheduler); refine: fixed-point refinements per step ('current' only, 0 .. 100). "
-                        "Returns x_T (float32 NumPy), or an InvertResult with trajectory=True.") +
+                        "Returns x_T (float32 NumPy), or an InvertResult with trajectory=True." " Class-conditional models: class_labels (one number for all or one per sample; integers for "
+                        "num_class_embeds models) or class_embeddings ((N, D) or (D), 'identity' models); "
+                        "guidance_scale w: classifier-free guidance u + w (c - u), both halves in one forward (1: "
+                        "the conditional model only); guidance_rescale: diffusers' guidance_rescale; "
+                        "null_class_label / null_class_embedding: the unconditional input (default: the model "
+                        "file's).") +
             kArrayNote)
                .c_str())
-      .def("forward", &forward, "x"_a, "t"_a, "dump"_a = nb::none(),
+      .def("forward", &forward, "x"_a, "t"_a, "dump"_a = nb::none(), nb::kw_only(), "class_labels"_a = nb::none(), "class_embeddings"_a = nb::none(), "guidance_scale"_a = 1.0,
+           "guidance_rescale"_a = 0.0, "null_class_label"_a = nb::none(), "null_class_embedding"_a = nb::none(),
            nb::sig("def forward(self, x: object, t: int | collections.abc.Sequence[int], "
-                   "dump: collections.abc.Callable[[str, numpy.typing.NDArray[numpy.float32]], object] | None = None) "
+                   "dump: collections.abc.Callable[[str, numpy.typing.NDArray[numpy.float32]], object] | None = None, "
+                   "*, " "class_labels: float | collections.abc.Sequence[float] | None = None, "
+                   "class_embeddings: object | None = None, guidance_scale: float = 1.0, "
+                   "guidance_rescale: float = 0.0, null_class_label: float | None = None, "
+                   "null_class_embedding: object | None = None) "
                    "-> numpy.typing.NDArray[numpy.float32]"),
            (std::string("One network forward pass: x (N, C, H, W), t one timestep for all samples or one per sample. "
                         "Returns the model output (N, C_out, H, W). dump: called as dump(node_name, array) with every "
                         "graph node's output in graph order ((N, C, H, W) or (N, C) copies), for comparisons with "
-                        "PyTorch.") +
+                        "PyTorch (the conditional half only)." " Class-conditional models: class_labels (one number for all or one per sample; integers for "
+                        "num_class_embeds models) or class_embeddings ((N, D) or (D), 'identity' models); "
+                        "guidance_scale w: classifier-free guidance u + w (c - u), both halves in one forward (1: "
+                        "the conditional model only); guidance_rescale: diffusers' guidance_rescale; "
+                        "null_class_label / null_class_embedding: the unconditional input (default: the model "
+                        "file's).") +
             kArrayNote)
                .c_str())
       .def(
