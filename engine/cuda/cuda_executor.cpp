@@ -307,6 +307,14 @@ void CudaExecutor::build_program() {
         };
         break;
       }
+      case Op::VectorQuantize:
+        if (xv.c > kMaxVqChannels)
+          throw Error(ErrorCode::Unsupported, "cuda: " + node.name + " quantises " + std::to_string(xv.c) +
+                                                  " channels; the kernel takes at most " + std::to_string(kMaxVqChannels));
+        op.run = [=, codebook = p.codebook, entries = node.entries, c = xv.c](cudaStream_t st) {
+          vector_quantize(x, y, nullptr, t, n, hw, c, codebook, entries, st);
+        };
+        break;
       case Op::TimestepEmbedding:
         throw Error(ErrorCode::Internal, "cuda: timestep embedding " + node.name + " was not folded into a table");
     }
