@@ -107,7 +107,7 @@ json schedule_to_json(const ScheduleConfig& c, const std::optional<std::string>&
 
 std::map<std::string, std::string> make_metadata(const json& graph, const ScheduleConfig& schedule,
                                                  const std::optional<std::string>& alphas_tensor) {
-  return {{"ddim.format_version", std::to_string(kFormatVersion)},
+  return {{"ddim.format_version", std::to_string(kPixelFormatVersion)},
           {"ddim.graph", graph.dump()},
           {"ddim.schedule", schedule_to_json(schedule, alphas_tensor).dump()}};
 }

@@ -10,7 +10,10 @@
 
 namespace ddim::format {
 
-inline constexpr int kFormatVersion = 1;
+// The newest version this reader accepts. Writers use the lowest version that holds the file's
+// content: 1 for pixel-space models, 2 for latent models (ddim.decoder, ddim.latent).
+inline constexpr int kFormatVersion = 2;
+inline constexpr int kPixelFormatVersion = 1;
 
 // The schedule JSON object, every key optional (defaults: diffusers' DDIMScheduler). An
 // explicit table is named by "alphas_cumprod": "<tensor name>" (F32 or F64, shape [T]); its

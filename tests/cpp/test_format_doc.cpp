@@ -291,7 +291,7 @@ TEST_CASE("FORMAT.md: the example model file loads, and the documented load rule
     CHECK(e.find("ddim.extra") != std::string::npos);
   }
   SUBCASE("a newer format version asks to upgrade ddim") {
-    const std::string e = load_error(example_file(ex, {{"ddim.format_version", "2"}}));
+    const std::string e = load_error(example_file(ex, {{"ddim.format_version", "3"}}));
     CHECK(e.find("upgrade ddim") != std::string::npos);
   }
   SUBCASE("an explicit alphas_cumprod table is an F64 tensor of shape [T]") {

@@ -198,7 +198,7 @@ std::map<std::string, std::function<Outcome()>> hostile_files(const test::TempDi
   b("M1", [] { return edit([](Parts& p) { p.drop.insert("ddim.graph"); }); });
   b("M2", [] { return edit([](Parts& p) { p.meta["ddim.format_version"] = "1.0"; }); });
   b("M3", [] { return edit([](Parts& p) { p.meta["ddim.format_version"] = "0"; }); });
-  b("M4", [] { return edit([](Parts& p) { p.meta["ddim.format_version"] = "2"; }); });
+  b("M4", [] { return edit([](Parts& p) { p.meta["ddim.format_version"] = "3"; }); });
   b("M5", [] { return edit([](Parts& p) { p.meta["ddim.extra"] = "1"; }); });
   b("M6", [] { return edit([](Parts& p) { p.meta["ddim.graph"] = "{\"inputs\": }"; }); });
   // ---- the graph

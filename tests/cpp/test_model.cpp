@@ -81,8 +81,8 @@ TEST_CASE("model: every ddim-level rule rejects with the offending key or tensor
     expect_invalid(p, "lacks 'ddim.format_version'");
   }
   SUBCASE("newer format version") {
-    p.meta["ddim.format_version"] = "2";
-    expect_invalid(p, "format version 2 is newer than this reader supports (1); upgrade ddim");
+    p.meta["ddim.format_version"] = "3";
+    expect_invalid(p, "format version 3 is newer than this reader supports (2); upgrade ddim");
   }
   SUBCASE("garbage format version") {
     p.meta["ddim.format_version"] = "1.0";
