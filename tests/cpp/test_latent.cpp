@@ -42,34 +42,9 @@ std::pair<int, double> nearest(const float* z, int stride, const std::vector<flo
   return {k_best, best};
 }
 
-graph::DecoderConfig small_decoder(const std::string& kind) {
-  graph::DecoderConfig d;
-  d.decoder = kind;
-  d.component = kind == "vq" ? "vqvae" : "vae";
-  d.latent_channels = 4;
-  d.decoder_in_channels = kind == "vq" ? 3 : 4;
-  d.num_vq_embeddings = 32;
-  d.block_out_channels = {8, 16};
-  d.layers_per_block = 1;
-  d.norm_num_groups = 4;
-  d.latent_height = 8;
-  d.latent_width = 6;
-  d.scaling_factor = 0.5;
-  return d;
-}
-
-graph::UNetConfig small_latent_unet() {
-  graph::UNetConfig u = test::tiny_unet();
-  u.sample_height = 8;
-  u.sample_width = 6;
-  u.in_channels = u.out_channels = 4;
-  return u;
-}
-
-std::shared_ptr<const Model> latent_model(const std::string& kind, std::uint64_t seed = 3) {
-  auto bytes = graph::make_random_latent_model_file(small_latent_unet(), small_decoder(kind), ScheduleConfig{}, seed);
-  return Model::load_from_memory(bytes, "latent-" + kind);
-}
+using test::latent_model;
+using test::small_decoder;
+using test::small_latent_unet;
 
 }  // namespace
 

@@ -1,13 +1,17 @@
 // The CUDA vector_quantize kernel against the CPU op (tests/cpp/test_latent.cpp checks the CPU op
 // against a double-precision search): the same indices and the same entries, bitwise, for every
 // element type (the input rounded to the type first, the same rounded values given to the CPU),
-// exact ties to the lowest index, in place, and the argument checks.
+// exact ties to the lowest index, in place, and the argument checks. Then a latent model's session
+// on the device: its decoder (conv, group_norm, the one-head attention, the quantisation) and the
+// latent loop against the CPU session's.
 #include <cuda_runtime_api.h>
 #include <doctest/doctest.h>
 
 #include <vector>
 
+#include "../cpp/test_util.hpp"
 #include "cpu/ops.hpp"
+#include "ddim/ddim.hpp"
 #include "cuda/kernels.hpp"
 #include "ddim/error.hpp"
 #include "gpu_util.hpp"
@@ -55,5 +59,37 @@ TEST_SUITE("gpu") {
                     Error);
     CHECK_THROWS_AS(cuda::vector_quantize(dcb.data(), dcb.data(), nullptr, DType::F32, 1, 1, 3, nullptr, 4, nullptr), Error);
     CHECK_NOTHROW(cuda::vector_quantize(nullptr, nullptr, nullptr, DType::F32, 0, 5, 3, nullptr, 4, nullptr));
+  }
+
+  TEST_CASE("cuda: a latent model's session (fp32) decodes and samples like the CPU's (vq and kl decoders)") {
+    for (const std::string kind : {"vq", "kl"}) {
+      CAPTURE(kind);
+      const auto model = test::latent_model(kind);
+      SessionOptions o;
+      o.batch = 2;
+      o.precision = Precision::FP32;
+      o.backend = BackendKind::Cuda;
+      const auto gpu = Session::create(model, o);
+      o.backend = BackendKind::Cpu;
+      const auto cpu = Session::create(model, o);
+      CHECK(gpu->plan_info().decoder.find("cuda") != std::string::npos);
+      const auto latents = g::random_vector(std::size_t(2) * 4 * 8 * 6, 11, -1.f, 1.f);
+      const auto ref = cpu->decode(latents), got = gpu->decode(latents);
+      double scale = 0;
+      for (float v : ref) scale = std::max(scale, double(std::fabs(v)));
+      const auto d = g::compare(got, ref, 1e-4 * scale);
+      MESSAGE(kind << " decode fp32 max abs diff " << d.max_abs << " (max |ref| " << scale << ")");
+      CHECK(d.non_finite == 0);
+      CHECK(d.max_abs <= 1e-4 * scale);
+      SampleOptions so;
+      so.steps = 3;
+      so.seed = 2;
+      const SampleResult a = cpu->sample(so), b = gpu->sample(so);
+      CHECK(b.c == 3);
+      CHECK(b.h == 16);
+      const auto ds = g::compare(b.images, a.images, 1e-3);
+      MESSAGE(kind << " sample fp32 max abs diff " << ds.max_abs);
+      CHECK(ds.max_abs <= 1e-3);
+    }
   }
 }
