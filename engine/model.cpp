@@ -14,6 +14,7 @@
 #include "format/input_file.hpp"
 #include "host_memory.hpp"
 #include "format/model_metadata.hpp"
+#include "graph/decoder.hpp"
 #include "graph/passes.hpp"
 #include "model_impl.hpp"
 
@@ -89,16 +90,59 @@ std::unique_ptr<Model::Impl> load_impl(const std::string& source, std::uint64_t 
   } catch (const Error& e) {
     throw Error(e.code(), source + ": " + e.what());
   }
+  for (const auto& n : impl->graph.nodes)
+    if (n.op == graph::Op::VectorQuantize && version < 2)
+      throw invalid("graph node '" + n.name + "' uses op vector_quantize, which needs format version 2 or later (the file says " +
+                    ver + ")" + kReexport);
+  // Format version 2: a latent model's decoder and latent configuration (both or neither).
+  const bool has_decoder = container.metadata.count("ddim.decoder") > 0, has_latent = container.metadata.count("ddim.latent") > 0;
+  if (has_decoder != has_latent)
+    throw invalid(std::string("__metadata__ has '") + (has_decoder ? "ddim.decoder" : "ddim.latent") + "' without '" +
+                  (has_decoder ? "ddim.latent" : "ddim.decoder") + "' (a latent model needs both)" + kReexport);
+  if (has_decoder && version < 2)
+    throw invalid("__metadata__ 'ddim.decoder' needs format version 2 or later (the file says " + ver + ")" + kReexport);
+  std::unique_ptr<Model::Impl> decoder;
+  if (has_decoder) {
+    decoder = std::make_unique<Model::Impl>();
+    decoder->source = source + " (decoder)";
+    try {
+      impl->latent = graph::parse_latent_config(format::parse_json_strict(meta("ddim.latent"), "__metadata__ ddim.latent"));
+      decoder->latent = impl->latent;
+      decoder->graph =
+          graph::parse_decoder_graph(format::parse_json_strict(meta("ddim.decoder"), "__metadata__ ddim.decoder"), impl->latent.factor);
+      graph::fold_time_only(decoder->graph);
+    } catch (const Error& e) {
+      throw Error(e.code(), source + ": " + e.what());
+    }
+    const graph::Graph &u = impl->graph, &d = decoder->graph;
+    if (d.in_channels != u.in_channels || d.height != u.height || d.width != u.width)
+      throw invalid("ddim.decoder's sample (" + std::to_string(d.in_channels) + ", " + std::to_string(d.height) + ", " +
+                    std::to_string(d.width) + ") differs from the U-Net's (" + std::to_string(u.in_channels) + ", " +
+                    std::to_string(u.height) + ", " + std::to_string(u.width) + "): the decoder reads the latents the U-Net samples" +
+                    kReexport);
+    if (u.values[u.output].c != u.in_channels)
+      throw invalid("the U-Net of a latent model must output its input's " + std::to_string(u.in_channels) + " channels, not " +
+                    std::to_string(u.values[u.output].c) + kReexport);
+  }
   for (const auto& [k, v] : container.metadata)
-    if (k.rfind("ddim.", 0) == 0 && k != "ddim.format_version" && k != "ddim.graph" && k != "ddim.schedule")
+    if (k.rfind("ddim.", 0) == 0 && k != "ddim.format_version" && k != "ddim.graph" && k != "ddim.schedule" &&
+        k != "ddim.decoder" && k != "ddim.latent")
       throw invalid("__metadata__ has unknown key '" + k + "' (keys starting with 'ddim.' are reserved)");
 
-  // Every tensor the graph references must be present with the shape it needs; nothing else.
-  std::set<std::string> referenced;
-  for (const auto& req : graph::param_requirements(impl->graph)) {
-    const auto& node = impl->graph.nodes[req.node];
+  // Every tensor the graphs reference must be present with the shape it needs; nothing else.
+  std::set<std::string> referenced, decoder_tensors;
+  std::vector<std::pair<const graph::Graph*, graph::ParamRequirement>> requirements;
+  for (auto& r : graph::param_requirements(impl->graph)) requirements.push_back({&impl->graph, std::move(r)});
+  if (decoder)
+    for (auto& r : graph::param_requirements(decoder->graph)) {
+      decoder_tensors.insert(r.tensor);
+      requirements.push_back({&decoder->graph, std::move(r)});
+    }
+  for (const auto& [graph_of, req] : requirements) {
+    const auto& node = graph_of->nodes[req.node];
     const format::TensorInfo* t = container.find(req.tensor);
-    const std::string who = "node '" + node.name + "' (" + graph::to_string(node.op) + ") parameter '" + req.role + "'";
+    const std::string who = std::string(graph_of == &impl->graph ? "" : "decoder ") + "node '" + node.name + "' (" +
+                            graph::to_string(node.op) + ") parameter '" + req.role + "'";
     if (!t) throw invalid("tensor '" + req.tensor + "' needed by " + who + " is missing" + kReexport);
     if (std::find(req.shapes.begin(), req.shapes.end(), t->shape) == req.shapes.end()) {
       std::string want;
@@ -151,14 +195,24 @@ std::unique_ptr<Model::Impl> load_impl(const std::string& source, std::uint64_t 
       format::convert_to_f64(t, raw, impl->schedule.alphas_cumprod);
       continue;
     }
-    format::convert_to_f32(t, raw, std::span<float>(impl->weights.data() + offset, std::size_t(t.numel())));
+    float* dst = impl->weights.data() + offset;
+    format::convert_to_f32(t, raw, std::span<float>(dst, std::size_t(t.numel())));
     for (std::size_t i = 0; i < std::size_t(t.numel()); ++i)
-      if (!std::isfinite(impl->weights[offset + i]))
+      if (!std::isfinite(dst[i]))
         throw invalid("tensor '" + t.name + "' holds a NaN or infinite value at index " + std::to_string(i));
+    if (decoder_tensors.count(t.name)) {  // the decoder's weights live in its own model
+      decoder->slots[t.name] = {decoder->weights.size(), t.shape, t.numel()};
+      decoder->weights.insert(decoder->weights.end(), dst, dst + t.numel());
+      decoder->info.parameter_count += t.numel();
+      decoder->info.tensors_by_dtype[format::to_string(t.dtype)] += 1;
+      continue;
+    }
     impl->slots[t.name] = {offset, t.shape, t.numel()};
     offset += std::size_t(t.numel());
     info.parameter_count += t.numel();
   }
+  impl->weights.resize(offset);
+  impl->weights.shrink_to_fit();
   std::vector<double> table = std::move(impl->schedule.alphas_cumprod);
   impl->schedule = sched.config;
   impl->schedule.alphas_cumprod = std::move(table);
@@ -182,6 +236,26 @@ std::unique_ptr<Model::Impl> load_impl(const std::string& source, std::uint64_t 
     impl->info.class_dim = g.cls.width();
     impl->info.null_class = g.cls.null;
   }
+  if (decoder) {
+    const auto& d = decoder->graph;
+    decoder->schedule = impl->schedule;
+    decoder->info.format_version = version;
+    decoder->info.in_channels = d.in_channels;
+    decoder->info.out_channels = d.values[d.output].c;
+    decoder->info.height = d.height;
+    decoder->info.width = d.width;
+    decoder->info.node_count = std::int64_t(d.nodes.size());
+    auto& li = impl->info.latent;
+    li.decoder = impl->latent.decoder;
+    li.component = impl->latent.component;
+    li.scaling_factor = impl->latent.scaling_factor;
+    li.shift_factor = impl->latent.shift_factor;
+    li.factor = impl->latent.factor;
+    li.image_channels = d.values[d.output].c;
+    li.decoder_parameter_count = decoder->info.parameter_count;
+    li.decoder_node_count = decoder->info.node_count;
+    impl->pending_decoder = std::move(decoder);
+  }
   return impl;
 }
 
@@ -194,6 +268,11 @@ const float* Model::Impl::weight(const std::string& tensor) const {
 }
 
 Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+std::shared_ptr<const Model> Model::from_impl(std::unique_ptr<Impl> impl) {
+  if (impl->pending_decoder) impl->decoder = std::shared_ptr<const Model>(new Model(std::move(impl->pending_decoder)));
+  return std::shared_ptr<const Model>(new Model(std::move(impl)));
+}
 Model::~Model() = default;
 
 std::shared_ptr<const Model> Model::load(const std::filesystem::path& path) {
@@ -202,7 +281,7 @@ std::shared_ptr<const Model> Model::load(const std::filesystem::path& path) {
     // model, so later changes to the file (rewritten, truncated) do not affect it.
     const format::InputFile file(path);
     ReadFn read = [&](std::uint64_t at, std::span<std::uint8_t> out) { file.read_at(at, out); };
-    return std::shared_ptr<const Model>(new Model(load_impl(file.display_name(), file.size(), read)));
+    return from_impl(load_impl(file.display_name(), file.size(), read));
   });
 }
 
@@ -212,7 +291,7 @@ std::shared_ptr<const Model> Model::load_from_memory(std::span<const std::uint8_
     if (!out.empty()) std::memcpy(out.data(), bytes.data() + at, out.size());  // (an empty span's data() may be null)
   };
   return with_host_memory_errors("loading " + name, [&] {
-    return std::shared_ptr<const Model>(new Model(load_impl(name, bytes.size(), read)));
+    return from_impl(load_impl(name, bytes.size(), read));
   });
 }
 
@@ -236,6 +315,17 @@ std::string Model::summary() const {
       s << "attention " << format::quote_path(n.name) << ": " << v.h << "x" << v.w << " tokens, " << v.c << " channels, " << n.heads
         << (n.heads == 1 ? " head" : " heads") << "\n";
     }
+  if (impl_->decoder) {
+    const graph::LatentConfig& l = impl_->latent;
+    s << "latent model: the U-Net samples latents; decoder '" << l.component << "' ("
+      << (l.decoder == "vq" ? "VQModel: codebook quantisation" : "AutoencoderKL") << "), image = decode(latents / "
+      << l.scaling_factor << (l.shift_factor != 0 ? " + " + std::to_string(l.shift_factor) : std::string()) << "), factor "
+      << l.factor << "\n";
+    std::string dec = impl_->decoder->summary();
+    std::string indented;
+    for (std::size_t i = 0; i < dec.size(); ++i) indented += (i == 0 || dec[i - 1] == '\n' ? "  decoder: " : "") + std::string(1, dec[i]);
+    s << indented;
+  }
   return s.str();
 }
 

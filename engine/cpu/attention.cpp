@@ -3,14 +3,18 @@
 //
 // With x (n, c, hw) the channel-major tokens of the batch:
 //   qkv (n, 3d, hw) = [Wq; Wk; Wv] (3d, c) . x + [bq; bk; bv]     one gemm over the batch
-//   per sample and head h (rows h*hd .. of the feature-major qT, kT, vT):
-//     sT (hw_j, hw_i)  = k_h (hw, hd) . qT_h (hd, hw)  (scores transposed: key j, query i; k_h is
-//                                                       kT_h read transposed while packing)
+//   per sample and head h (rows h*hd .. of the feature-major qT, kT, vT), k_h and vT_h packed
+//   once, then per block of up to kQueryBlock queries i0 .. i1 (so the scores take hw x 256
+//   floats, never hw x hw: 4 MiB at 4096 tokens, where the full matrix would be 64 MiB):
+//     sT (hw_j, i1-i0) = k_h (hw, hd) . qT_h (hd, i0..i1)  (scores transposed: key j, query i;
+//                                                       k_h is kT_h read transposed while packing)
 //     softmax over j for each query column i: scale, subtract the column max, exp (exp_f32), normalise
-//     oT_h (hd, hw)    = vT_h (hd, hw_j) . sT (hw_j, hw_i)
+//     oT_h (hd, i0..i1) = vT_h (hd, hw_j) . sT (hw_j, i1-i0)
 //   y (n, c, hw) = ((Wo (c, d) . oT + bo) + residual) / rescale   one gemm, the rest in its epilogue
-// The softmax of a column is a fixed sequential pass over j, so nothing depends on the batch or
-// on the thread count. y must not alias residual.
+// Every score is one chain over the head's dims and every output one chain over all hw keys (the
+// GEMM core's rule: nothing depends on N or on the tile), and the softmax of a column is a fixed
+// sequential pass over j, so the query blocking, the batch and the thread count change no bit.
+// y must not alias residual.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -27,9 +31,14 @@ namespace ddim::cpu {
 
 namespace {
 
-// Column-wise softmax of sT (hw_j, hw_i) over j, after multiplying by scale.
-void softmax_columns(float* sT, int hw, float scale, float* col_max, float* col_sum, Isa isa, ThreadPool* pool) {
-  parallel_for(pool, hw, [&](std::int64_t begin, std::int64_t end) {
+// Queries per block of the score matrix (a multiple of every kernel's nr).
+constexpr int kQueryBlock = 256;
+
+// Column-wise softmax of sT (keys, cols) over the keys j, after multiplying by scale.
+void softmax_columns(float* sT, int keys, int cols, float scale, float* col_max, float* col_sum, Isa isa, ThreadPool* pool) {
+  const int hw = keys;
+  const std::ptrdiff_t ld = cols;
+  parallel_for(pool, cols, [&](std::int64_t begin, std::int64_t end) {
    with_isa(isa, [&]() DDIM_INLINE_LAMBDA {
     const int i0 = static_cast<int>(begin), i1 = static_cast<int>(end);
     for (int i = i0; i < i1; ++i) {
@@ -37,7 +46,7 @@ void softmax_columns(float* sT, int hw, float scale, float* col_max, float* col_
       col_sum[i] = 0.0f;
     }
     for (int j = 0; j < hw; ++j) {
-      float* row = sT + static_cast<std::ptrdiff_t>(j) * hw;
+      float* row = sT + static_cast<std::ptrdiff_t>(j) * ld;
       for (int i = i0; i < i1; ++i) {
         const float v = row[i] * scale;
         row[i] = v;
@@ -45,14 +54,14 @@ void softmax_columns(float* sT, int hw, float scale, float* col_max, float* col_
       }
     }
     for (int j = 0; j < hw; ++j) {
-      float* row = sT + static_cast<std::ptrdiff_t>(j) * hw;
+      float* row = sT + static_cast<std::ptrdiff_t>(j) * ld;
       for (int i = i0; i < i1; ++i) row[i] = row[i] - col_max[i];
       map16(row + i0, row + i0, static_cast<std::size_t>(i1 - i0), [](auto v) DDIM_INLINE_LAMBDA { return exp_f32(v); });
       for (int i = i0; i < i1; ++i) col_sum[i] += row[i];
     }
     for (int i = i0; i < i1; ++i) col_sum[i] = 1.0f / col_sum[i];
     for (int j = 0; j < hw; ++j) {
-      float* row = sT + static_cast<std::ptrdiff_t>(j) * hw;
+      float* row = sT + static_cast<std::ptrdiff_t>(j) * ld;
       for (int i = i0; i < i1; ++i) row[i] *= col_sum[i];
     }
    });
@@ -92,7 +101,8 @@ void pack_attention(const AttentionWeights& w, int c, int d, const KernelSpec& s
 
 std::size_t attention_scratch_floats(int n, int c, int hw, int d, ThreadPool* /*pool*/) {
   check(n, c, hw, d, 1);
-  return static_cast<std::size_t>(n) * 4 * d * hw + static_cast<std::size_t>(hw) * hw + 2 * static_cast<std::size_t>(hw);
+  const std::size_t block = static_cast<std::size_t>(std::min(hw, kQueryBlock));
+  return static_cast<std::size_t>(n) * 4 * d * hw + static_cast<std::size_t>(hw) * block + 2 * block;
 }
 
 void attention_packed(const float* x_normed, const float* residual, int n, int c, int hw, int d, int heads, float scale,
@@ -108,9 +118,10 @@ void attention_packed(const float* x_normed, const float* residual, int n, int c
   const std::size_t dhw = static_cast<std::size_t>(d) * hw;
   float* qkv = scratch;                                     // (n, 3d, hw)
   float* o = qkv + static_cast<std::size_t>(n) * 3 * dhw;   // (n, d, hw)
-  float* sT = o + static_cast<std::size_t>(n) * dhw;        // (hw, hw)
-  float* col_max = sT + static_cast<std::size_t>(hw) * hw;  // (hw)
-  float* col_sum = col_max + hw;                            // (hw)
+  const int qb = std::min(hw, kQueryBlock);
+  float* sT = o + static_cast<std::size_t>(n) * dhw;        // (hw, qb)
+  float* col_max = sT + static_cast<std::size_t>(hw) * qb;  // (qb)
+  float* col_sum = col_max + qb;                            // (qb)
   const long total = static_cast<long>(n) * hw;
   {
     const MatrixB xb{x_normed, hw, hw, static_cast<std::ptrdiff_t>(c) * hw};
@@ -129,9 +140,29 @@ void attention_packed(const float* x_normed, const float* residual, int n, int c
     float* ob = o + static_cast<std::size_t>(b) * dhw;
     for (int h = 0; h < heads; ++h) {
       const std::size_t off = static_cast<std::size_t>(h) * hd * hw;
-      gemm_general(hw, hw, hd, kT + off, 1, hw, qT + off, hw, sT, hw, false, *w.spec, pool);
-      softmax_columns(sT, hw, scale, col_max, col_sum, w.spec->isa, pool);
-      gemm_general(hd, hw, hw, vT + off, hw, 1, sT, hw, ob + off, hw, false, *w.spec, pool);
+      thread_local PackedA k_h, v_h;
+      pack_a(kT + off, hw, hd, 1, hw, *w.spec, k_h, pool);  // (hw, hd): kT_h transposed
+      pack_a(vT + off, hd, hw, hw, 1, *w.spec, v_h, pool);  // (hd, hw)
+      for (int i0 = 0; i0 < hw; i0 += qb) {
+        const int cols = std::min(qb, hw - i0);
+        {
+          const MatrixB qm{qT + off + i0, hw, cols, 0};
+          COut out;
+          out.c = sT;
+          out.ldc = cols;
+          out.seg = cols;
+          gemm_packed(k_h, matrix_source(qm, hd, cols), out, pool);
+        }
+        softmax_columns(sT, hw, cols, scale, col_max, col_sum, w.spec->isa, pool);
+        {
+          const MatrixB sm{sT, cols, cols, 0};
+          COut out;
+          out.c = ob + off + i0;
+          out.ldc = hw;
+          out.seg = cols;
+          gemm_packed(v_h, matrix_source(sm, hw, cols), out, pool);
+        }
+      }
     }
   }
   const MatrixB ob{o, hw, hw, static_cast<std::ptrdiff_t>(dhw)};

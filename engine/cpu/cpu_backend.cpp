@@ -193,6 +193,7 @@ void run_node(const graph::Graph& g, const Node& n, const NodeWeights& weights, 
                        attention_scale(g, n), packed, float(n.divisor), y, scratch, pool);
       break;
     }
+    case Op::VectorQuantize: vector_quantize(in[0], batch, x.c, x.h * x.w, w(kWeight), n.entries, y, nullptr, pool); break;
   }
 }
 

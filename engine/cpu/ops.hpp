@@ -105,6 +105,12 @@ void pack_attention(const AttentionWeights& w, int c, int d, const KernelSpec& s
 void attention_packed(const float* x_normed, const float* residual, int n, int c, int hw, int d, int heads, float scale,
                       const PackedAttention& w, float rescale, float* y, float* scratch, ThreadPool* pool);
 
+// Vector quantisation (diffusers' VectorQuantizer in VQModel.decode): every pixel of x (n, c, hw)
+// replaced by the codebook entry (entries, c) nearest to it by squared Euclidean distance, ties to
+// the lowest index (kernels/vector_quantize.h). indices (n, hw) may be null. y may alias x.
+void vector_quantize(const float* x, int n, int c, int hw, const float* codebook, int entries, float* y, int* indices,
+                     ThreadPool* pool = nullptr);
+
 // Sinusoidal timestep embedding exactly as diffusers' get_timestep_embedding, in float32:
 // half = dim/2, exponent_i = -ln(max_period) * i / (half - freq_shift), freq_i = exp(exponent_i),
 // arg = scale * t * freq_i; [sin, cos] (or [cos, sin] with flip_sin_to_cos); zero pad odd dim.

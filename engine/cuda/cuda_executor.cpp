@@ -336,6 +336,14 @@ std::vector<CudaExecutor::StepOp> CudaExecutor::build_ops(int n, bool report, st
         };
         break;
       }
+      case Op::VectorQuantize:
+        if (xv.c > kMaxVqChannels)
+          throw Error(ErrorCode::Unsupported, "cuda: " + node.name + " quantises " + std::to_string(xv.c) +
+                                                  " channels; the kernel takes at most " + std::to_string(kMaxVqChannels));
+        op.run = [=, codebook = p.codebook, entries = node.entries, c = xv.c](cudaStream_t st) {
+          vector_quantize(x, y, nullptr, t, n, hw, c, codebook, entries, st);
+        };
+        break;
       case Op::TimestepEmbedding:
       case Op::Embedding:
         throw Error(ErrorCode::Internal, "cuda: " + std::string(graph::to_string(node.op)) + " node " + node.name +

@@ -114,7 +114,7 @@ std::shared_ptr<DeviceWeights> upload(const Model& model, int device, DType t) {
   constexpr std::size_t kNone = std::size_t(-1);
   struct Offsets {
     std::size_t weight = kNone, bias = kNone, gamma = kNone, beta = kNone, w_qkv = kNone, b_qkv = kNone, w_out = kNone,
-                b_out = kNone;
+                b_out = kNone, codebook = kNone;
   };
   std::vector<Offsets> off(g.nodes.size());
   for (std::size_t i = 0; i < g.nodes.size(); ++i) {
@@ -151,6 +151,9 @@ std::shared_ptr<DeviceWeights> upload(const Model& model, int device, DType t) {
         if (p[plan::kOutBias]) off[i].b_out = st.f32(p[plan::kOutBias], c);
         break;
       }
+      case Op::VectorQuantize:
+        off[i].codebook = st.f32(p[plan::kWeight], std::size_t(n.entries) * std::size_t(x.c));
+        break;
       default: break;  // no parameters
     }
   }
@@ -187,6 +190,7 @@ std::shared_ptr<DeviceWeights> upload(const Model& model, int device, DType t) {
     d.b_qkv = static_cast<const float*>(at(off[i].b_qkv));
     d.w_out = at(off[i].w_out);
     d.b_out = static_cast<const float*>(at(off[i].b_out));
+    d.codebook = static_cast<const float*>(at(off[i].codebook));
   }
   return dw;
 }

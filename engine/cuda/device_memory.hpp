@@ -45,6 +45,7 @@ struct NodeDeviceParams {
   const float* b_qkv = nullptr;                    // (3d); zeros where the model has no bias
   const void* w_out = nullptr;                     // attention (c, d)
   const float* b_out = nullptr;
+  const float* codebook = nullptr;  // vector_quantize (entries, c), fp32
 };
 struct DeviceWeights {
   int device = 0;

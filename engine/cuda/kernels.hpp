@@ -50,6 +50,13 @@ void upsample_nearest2x(const void* x, void* y, DType t, int n, int h, int w, in
 // y (n, h/2, w/2, c): mean of each 2x2 window (h, w even).
 void avg_pool2x(const void* x, void* y, DType t, int n, int h, int w, int c, cudaStream_t stream);
 
+// ---- Vector quantisation (kernels/vector_quantize.cu): every pixel of x (n, hw, c) replaced by
+// the nearest entry of the fp32 codebook (entries, c), ties to the lowest index; indices (n, hw)
+// receives the entry numbers when not null. y may be x. c <= kMaxVqChannels (else Unsupported).
+inline constexpr int kMaxVqChannels = 64;
+void vector_quantize(const void* x, void* y, int* indices, DType t, int n, int hw, int c, const float* codebook, int entries,
+                     cudaStream_t stream);
+
 // ---- GroupNorm (+ SiLU), NHWC: statistics per (sample, group) over hw x (c / groups) values in
 // fp32 (two passes: mean, then the centred sum of squares; no E[x^2] - E[x]^2 cancellation),
 // affine per channel with fp32 gamma / beta, then SiLU when `silu`.

@@ -109,7 +109,7 @@ std::map<std::string, std::string> make_metadata(const json& graph, const Schedu
                                                  const std::optional<std::string>& alphas_tensor) {
   const bool conditional = graph.is_object() && graph.contains("inputs") && graph["inputs"].is_object() &&
                            graph["inputs"].contains("class_labels");
-  return {{"ddim.format_version", conditional ? "2" : "1"},
+  return {{"ddim.format_version", std::to_string(conditional ? kFormatVersion : kPixelFormatVersion)},
           {"ddim.graph", graph.dump()},
           {"ddim.schedule", schedule_to_json(schedule, alphas_tensor).dump()}};
 }

@@ -10,9 +10,11 @@
 
 namespace ddim::format {
 
-// Version 2 adds the graph input `class_labels` and the op `embedding` (class-conditional
-// models); writers emit 1 for every other file, so older readers keep loading those.
+// The newest version this reader accepts. Writers use the lowest version that holds the file's
+// content: 1 for unconditional pixel-space models, 2 for class-conditional models (graph input
+// class_labels, op embedding) and latent models (ddim.decoder, ddim.latent, op vector_quantize).
 inline constexpr int kFormatVersion = 2;
+inline constexpr int kPixelFormatVersion = 1;
 
 // The schedule JSON object, every key optional (defaults: diffusers' DDIMScheduler). An
 // explicit table is named by "alphas_cumprod": "<tensor name>" (F32 or F64, shape [T]); its

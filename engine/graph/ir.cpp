@@ -49,6 +49,7 @@ const std::vector<OpSpec>& op_specs() {
        {"q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "out_weight", "out_bias"},
        {"q_weight", "k_weight", "v_weight", "out_weight"}},
       {Op::Embedding, "embedding", 1, 1, {"num_embeddings", "dim"}, {"weight"}, {"weight"}},
+      {Op::VectorQuantize, "vector_quantize", 1, 1, {"entries"}, {"codebook"}, {"codebook"}},
   };
   return specs;
 }
@@ -217,7 +218,7 @@ int Graph::find_value(const std::string& name) const {
   return -1;
 }
 
-Graph parse_graph(const json& j) {
+Graph parse_graph(const json& j, int output_scale) {
   if (!j.is_object()) fail("the graph must be a JSON object");
   for (auto it = j.begin(); it != j.end(); ++it)
     if (it.key() != "inputs" && it.key() != "output" && it.key() != "nodes")
@@ -378,6 +379,7 @@ Graph parse_graph(const json& j) {
           fail("node '" + n.name + "': num_embeddings " + std::to_string(n.num_embeddings) +
                " differs from the input's num_classes " + std::to_string(g.cls.num_classes));
         break;
+      case Op::VectorQuantize: n.entries = a.integer("entries", std::nullopt, 1); break;
       default: break;
     }
     n.output = static_cast<int>(g.values.size());
@@ -391,6 +393,8 @@ Graph parse_graph(const json& j) {
   auto f = index.find(out_it->get<std::string>());
   if (f == index.end() || g.values[f->second].producer < 0) fail("output '" + out_it->get<std::string>() + "' is not a node");
   g.output = f->second;
+  if (output_scale < 1) fail("the output scale must be at least 1");
+  g.output_scale = output_scale;
   infer_shapes(g, g.height, g.width);
   return g;
 }
@@ -492,6 +496,10 @@ void infer_shapes(Graph& g, int height, int width) {
         out = in(0);
         break;
       }
+      case Op::VectorQuantize:
+        need(0, Kind::Spatial);
+        out = in(0);
+        break;
     }
     // Bounds that keep every later size computation far from overflow (a hostile graph could
     // otherwise chain upsamples until int arithmetic wraps).
@@ -504,9 +512,10 @@ void infer_shapes(Graph& g, int height, int width) {
   }
   const Value& o = g.values[g.output];
   if (o.kind != Kind::Spatial) fail("the output '" + o.name + "' must be a spatial (C, H, W) value");
-  if (o.h != height || o.w != width) {
+  if (o.h != height * g.output_scale || o.w != width * g.output_scale) {
     std::string msg = "the output '" + o.name + "' is " + shape_str(o) + ", not the sample's size " + std::to_string(height) +
-                      "x" + std::to_string(width);
+                      "x" + std::to_string(width) +
+                      (g.output_scale > 1 ? " times the decoder's factor " + std::to_string(g.output_scale) : std::string());
     if (declared) fail(msg);
     throw Error(ErrorCode::InvalidArgument, "sample size " + std::to_string(height) + "x" + std::to_string(width) +
                                                 " does not fit the network: " + msg);
@@ -544,6 +553,7 @@ std::vector<ParamRequirement> param_requirements(const Graph& g) {
         add("out_bias", {{c}});
         break;
       }
+      case Op::VectorQuantize: add("codebook", {{n.entries, x.c}}); break;
       default: break;
     }
   }

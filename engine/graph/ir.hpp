@@ -14,6 +14,7 @@ namespace ddim::graph {
 enum class Op {
   TimestepEmbedding, Linear, Conv2d, GroupNorm, Silu, Add, Scale, Concat, UpsampleNearest2x, AvgPool2x, Attention,
   Embedding,
+  VectorQuantize,  // latent decoders (engine/graph/decoder.hpp)
 };
 const char* to_string(Op) noexcept;
 
@@ -75,6 +76,7 @@ struct Node {
   int inner_dim = 0;                       // attention: d = heads * head_dim (from attrs or = C)
   std::optional<double> attn_scale;        // attention: default 1/sqrt(head_dim)
   int num_embeddings = 0;                  // embedding: rows of the table (dim: its width)
+  int entries = 0;                         // vector_quantize: codebook entries (K)
 
   const std::string* param(const std::string& role) const;  // nullptr when absent
 };
@@ -88,6 +90,7 @@ struct Graph {
   ClassInput cls;         // its declaration
   int output = -1;
   int in_channels = 0, height = 0, width = 0;  // declared sample shape
+  int output_scale = 1;  // the output is output_scale times the sample's H and W (a decoder's f)
 
   int find_value(const std::string& name) const;  // -1 when absent
 };
@@ -95,7 +98,9 @@ struct Graph {
 // Parses and validates the graph JSON: known ops, known attributes with the right types,
 // inputs that name earlier values, unique names, arity per op, declared inputs/output.
 // Throws ddim::Error(InvalidFile) naming the node and attribute.
-Graph parse_graph(const nlohmann::json& j);
+// output_scale: the output's size over the sample's (1 for a U-Net; a latent decoder's
+// upsampling factor, engine/graph/decoder.hpp).
+Graph parse_graph(const nlohmann::json& j, int output_scale = 1);
 
 // Infers every value's shape for a sample of height x width (the declared size or another the
 // architecture admits). Throws ddim::Error naming the node whose inputs do not fit

@@ -16,7 +16,9 @@ std::vector<NodeWeights> resolve_node_weights(const graph::Graph& g, const Model
   std::vector<NodeWeights> weights(g.nodes.size(), NodeWeights{});
   for (std::size_t i = 0; i < g.nodes.size(); ++i)
     for (const auto& p : g.nodes[i].params) {
-      const auto r = std::find(std::begin(kRoleNames), std::end(kRoleNames), p.role);
+      // vector_quantize's codebook (entries, c) is its weight.
+      const std::string role = p.role == "codebook" ? std::string("weight") : p.role;
+      const auto r = std::find(std::begin(kRoleNames), std::end(kRoleNames), role);
       if (r == std::end(kRoleNames)) throw Error(ErrorCode::Internal, "unknown parameter role '" + p.role + "'");
       weights[i][std::size_t(r - std::begin(kRoleNames))] = m.weight(p.tensor);
     }

@@ -15,6 +15,7 @@ namespace ddim::plan {
 // Parameter roles of the IR (graph/ir.cpp): a node's parameter pointers, resolved once per plan.
 enum Role { kWeight, kBias, kQWeight, kQBias, kKWeight, kKBias, kVWeight, kVBias, kOutWeight, kOutBias, kRoleCount };
 using NodeWeights = std::array<const float*, kRoleCount>;
+// (vector_quantize's codebook is its kWeight.)
 // Resolves every node's parameters to pointers into the model's fp32 weights (null where absent).
 std::vector<NodeWeights> resolve_node_weights(const graph::Graph& g, const Model::Impl& m);
 

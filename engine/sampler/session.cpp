@@ -64,7 +64,36 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
   std::unique_ptr<Executor> executor;
   mutable PlanInfo info;  // the executor's, plus the fallback reason
   std::string fallback;
-  int height = 0, width = 0;
+  int height = 0, width = 0;  // the sampled space: latents for a latent model
+  // Latent models: the decoder's executor (null for pixel models and with decode off) and the
+  // decoded image's shape.
+  std::unique_ptr<Executor> decoder;
+  int image_c = 0, image_h = 0, image_w = 0;
+
+  // z = latents / scaling_factor + shift_factor on the host (fp32, as diffusers divides before
+  // vae.decode), then the decoder graph. Throws when the result is not finite.
+  std::vector<float> decode_latents(std::span<const float> latents, const NodeOutputCallback& dump) const {
+    if (!decoder)
+      throw Error(ErrorCode::InvalidArgument, model->info().is_latent()
+                                                  ? "decode: this session was created with decode off (SessionOptions::decode)"
+                                                  : "decode: the model is not a latent model (it has no decoder)");
+    check_batch(latents, "decode: latents");
+    check_finite(latents, "decode: latents", sample_elements());
+    const graph::LatentConfig& l = model->impl().latent;
+    const float scaling = float(l.scaling_factor), shift = float(l.shift_factor);
+    std::vector<float> z(latents.begin(), latents.end());
+    for (float& v : z) v = v / scaling;
+    if (shift != 0.0f)
+      for (float& v : z) v = v + shift;
+    std::vector<float> out(batch() * std::size_t(image_c) * std::size_t(image_h) * std::size_t(image_w));
+    const std::vector<int> t0(1, 0);  // the decoder graph reads no timestep
+    if (dump) decoder->forward_dump(z, t0, out, dump);
+    else decoder->forward(z, t0, out);
+    if (const std::size_t bad = first_nonfinite(out); bad != kAllFinite)
+      throw Error(ErrorCode::InvalidArgument, "decode: the decoder's output is NaN or infinite at " +
+                                                  element_location(bad, out.size() / batch()) + nonfinite_hint());
+    return out;
+  }
 
   std::size_t batch() const { return std::size_t(options.batch); }
   std::size_t sample_elements() const {  // C * H * W of one sample
@@ -253,6 +282,10 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
     if (o.output_device) require_cuda("output_device");
     if (o.x_T_device && !o.x_T.empty()) throw Error(ErrorCode::InvalidArgument, "give x_T or x_T_device, not both");
     if (o.noise_device && !o.noise.empty()) throw Error(ErrorCode::InvalidArgument, "give noise or noise_device, not both");
+    if (decoder && (o.output_device || o.output_on_device))
+      throw Error(ErrorCode::Unsupported, "output_device and output_on_device are not available for a latent model's decoded "
+                                          "images (the decoder runs after the loop); create the session with decode off to "
+                                          "get the latents there");
     if (o.output_device && o.output_on_device)
       throw Error(ErrorCode::InvalidArgument, "give output_device (the caller's buffer) or output_on_device (the session's), not both");
     const Scheduler scheduler(model->schedule());
@@ -332,13 +365,14 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
   std::vector<float> forward(std::span<const float> x, std::span<const int> t, const NodeOutputCallback& dump,
                              const Conditioning& cond) const;
 
-  // Runs the job on the executor; the result's shape and visited timesteps filled in.
-  SampleResult run(const SampleJob& job) const {
+  // Runs the job on the executor; the result's shape and visited timesteps filled in. With
+  // `decode` and a decoder, the final latents are decoded into the images.
+  SampleResult run(const SampleJob& job, bool decode = false) const {
     SampleResult r;
     r.n = options.batch;
-    r.c = model->info().in_channels;
-    r.h = height;
-    r.w = width;
+    r.c = r.latent_c = model->info().in_channels;
+    r.h = r.latent_h = height;
+    r.w = r.latent_w = width;
     r.timesteps = job.timesteps;
     executor->sample(job, r);
     // The CPU executor checks every step; this catches what any backend returns to the host.
@@ -346,6 +380,12 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
       throw Error(ErrorCode::InvalidArgument, "the result holds NaN or Inf at " + element_location(bad, sample_elements()) +
                                                   " (run on the CPU backend to find the step and the node)" +
                                                   nonfinite_hint());
+    if (decode && decoder && !job.async) {
+      r.images = decode_latents(r.images, {});
+      r.c = image_c;
+      r.h = image_h;
+      r.w = image_w;
+    }
     return r;
   }
 };
@@ -354,6 +394,32 @@ void Executor::set_stream(void*) {
   throw Error(ErrorCode::InvalidArgument, "set_stream: this session runs on the CPU: it has no CUDA stream");
 }
 void* Executor::stream() const { return nullptr; }
+
+namespace {
+
+// The decoder of a latent model, on the U-Net's backend. With --device auto, a CUDA decoder that
+// cannot be planned (an unsupported op or size, too little memory) runs on the CPU instead, with
+// the reason in PlanInfo::fallback.
+void plan_decoder(Session::Impl& impl, const SessionOptions& options) {
+  const ExecutorContext dctx{impl.model->impl().decoder, impl.height, impl.width};
+  if (impl.backend == BackendKind::Cpu) {
+    impl.decoder = std::make_unique<cpu::CpuExecutor>(dctx, options);
+    return;
+  }
+  try {
+    impl.decoder = cuda::make_executor(dctx, options);
+  } catch (const Error& e) {
+    if (options.backend != BackendKind::Auto || e.code() == ErrorCode::InvalidArgument || e.code() == ErrorCode::InvalidFile)
+      throw;
+    SessionOptions cpu_options = options;
+    if (cpu_options.precision == Precision::FP16) cpu_options.precision = Precision::FP32;
+    impl.decoder = std::make_unique<cpu::CpuExecutor>(dctx, cpu_options);
+    impl.fallback += std::string(impl.fallback.empty() ? "" : "; ") + "the decoder runs on the CPU (" + to_string(e.code()) +
+                     ": " + e.what() + ")";
+  }
+}
+
+}  // namespace
 
 Session::Session(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Session::~Session() = default;
@@ -378,6 +444,21 @@ std::unique_ptr<Session> Session::create(std::shared_ptr<const Model> model, con
     impl->options = options;
     impl->height = options.height ? options.height : model->info().height;
     impl->width = options.width ? options.width : model->info().width;
+    const ModelInfo& mi = model->info();
+    if (mi.is_latent()) {  // height and width are pixels of the decoded image
+      const int f = mi.latent.factor;
+      if (!options.height) impl->height *= f, impl->width *= f;
+      if (impl->height % f || impl->width % f)
+        throw Error(ErrorCode::InvalidArgument,
+                    "height and width are the decoded image's pixels: " + std::to_string(impl->height) + "x" +
+                        std::to_string(impl->width) + " is not a multiple of the decoder's factor " + std::to_string(f) +
+                        " (the U-Net samples latents of height/" + std::to_string(f) + " x width/" + std::to_string(f) + ")");
+      impl->image_c = mi.latent.image_channels;
+      impl->image_h = impl->height;
+      impl->image_w = impl->width;
+      impl->height /= f;
+      impl->width /= f;
+    }
     ExecutorContext ctx{model, impl->height, impl->width};
 
     auto make_cpu = [&]() {  // the executor rejects fp16, and bf16 on a CPU without the instructions
@@ -416,8 +497,21 @@ std::unique_ptr<Session> Session::create(std::shared_ptr<const Model> model, con
         break;
       }
     }
+    if (mi.is_latent() && options.decode) plan_decoder(*impl, options);
     impl->info = impl->executor->plan_info();
     impl->info.fallback = impl->fallback;
+    if (impl->decoder) {
+      const PlanInfo& d = impl->decoder->plan_info();
+      const graph::LatentConfig& l = model->impl().latent;
+      impl->info.decoder = "'" + l.component + "' (" + (l.decoder == "vq" ? "VQModel" : "AutoencoderKL") + ", factor " +
+                           std::to_string(l.factor) + "): latents (" + std::to_string(mi.in_channels) + ", " +
+                           std::to_string(impl->height) + ", " + std::to_string(impl->width) + ") -> image (" +
+                           std::to_string(impl->image_c) + ", " + std::to_string(impl->image_h) + ", " +
+                           std::to_string(impl->image_w) + ") on " + d.backend + " " + d.precision + ", arena " +
+                           std::to_string(d.arena_bytes) + " bytes, " + std::to_string(mi.latent.decoder_node_count) +
+                           " nodes, once per sample call";
+      for (const std::string& w : d.warnings) impl->info.warnings.push_back("decoder: " + w);
+    }
     return std::unique_ptr<Session>(new Session(std::move(impl)));
   });
 }
@@ -457,7 +551,7 @@ std::vector<float> Session::Impl::forward(std::span<const float> x, std::span<co
 SampleResult Session::sample(const SampleOptions& o) {
   return with_host_memory_errors("sample", [&] {
     const TimestepPlan plan = impl_->plan_of(o);
-    SampleResult r = impl_->run(impl_->sample_job(o, plan));
+    SampleResult r = impl_->run(impl_->sample_job(o, plan), true);
     r.warning = plan.warning;
     return r;
   });
@@ -474,6 +568,9 @@ TimestepPlan Session::sample_async(const SampleOptions& o) {
   if (!o.x_T.empty() || !o.noise.empty())
     throw Error(ErrorCode::InvalidArgument, "sample_async reads x_T and noise from device memory only (x_T_device, noise_device) "
                                             "or draws them from the seeds");
+  if (impl_->decoder)
+    throw Error(ErrorCode::Unsupported, "sample_async: a latent model's images are decoded after the loop; create the session "
+                                        "with decode off to sample latents asynchronously");
   TimestepPlan plan = impl_->plan_of(o);
   SampleJob job = impl_->sample_job(o, plan);
   job.async = true;
@@ -522,8 +619,12 @@ SampleResult Session::sample_ddpm(const DdpmOptions& o) {
     job.want_trajectory = o.want_trajectory;
     job.want_x0 = o.want_x0;
     job.progress = o.progress;
-    return impl_->run(job);
+    return impl_->run(job, true);
   });
+}
+
+std::vector<float> Session::decode(std::span<const float> latents, const NodeOutputCallback& dump) {
+  return with_host_memory_errors("decode", [&] { return impl_->decode_latents(latents, dump); });
 }
 
 InvertResult Session::invert(std::span<const float> x0, const InvertOptions& o) {

@@ -676,6 +676,27 @@ TEST_CASE("cpu attention: 4 heads, no residual, rescale 2, no biases, batch 2") 
   CHECK_THROWS_AS(attention_scratch_floats(1, 8, 8, 0, nullptr), ddim::Error);
 }
 
+TEST_CASE("cpu attention: 600 tokens run in query blocks (256, 256, 88) and match the reference; bounded scratch") {
+  ThreadPool pool(2);
+  const AttnParams a(64, 600, 64, 1, true, 980);
+  const auto x = random_vec(static_cast<std::size_t>(2) * a.c * a.hw, 990, 2.0f);
+  const auto res = random_vec(x.size(), 991);
+  const float scale = 1.0f / std::sqrt(64.0f);
+  const Guarded y = run_attention(a, x.data(), res.data(), 2, scale, 1.0f, &pool);
+  check_close("attention 600 tokens", y, ref_attention(a, x.data(), res.data(), 2, scale, 1.0f), 1e-4, 1e-4);
+  // Blocking changes no bit: the second sample alone, on one thread, equals its row of the batch.
+  const std::size_t len = static_cast<std::size_t>(a.c) * a.hw;
+  const std::vector<float> x1(x.begin() + static_cast<std::ptrdiff_t>(len), x.end());
+  const std::vector<float> r1(res.begin() + static_cast<std::ptrdiff_t>(len), res.end());
+  const Guarded y1 = run_attention(a, x1.data(), r1.data(), 1, scale, 1.0f, nullptr);
+  CHECK(std::memcmp(y1.data(), y.data() + len, len * sizeof(float)) == 0);
+  // The decoder's mid-block attention (4096 tokens x 512 channels at 64x64 latents): the scratch
+  // holds q, k, v, o and one 4096 x 256 block of scores, never the 4096 x 4096 matrix.
+  const std::size_t floats = attention_scratch_floats(1, 512, 4096, 512, nullptr);
+  CHECK(floats == std::size_t(4) * 512 * 4096 + std::size_t(4096) * 256 + 2 * 256);
+  CHECK(floats < std::size_t(4096) * 4096);
+}
+
 // ================================================================ batch and thread-count independence
 TEST_CASE("cpu ops: each sample of a batch of 3 equals the sample run alone, bitwise, and pools of 1, 2, 3 agree") {
   ThreadPool one(1), two(2), three(3);

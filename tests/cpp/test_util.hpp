@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "ddim/ddim.hpp"
+#include "graph/decoder.hpp"
 #include "graph/unet_builder.hpp"
 
 namespace ddim::test {
@@ -104,5 +105,35 @@ struct TempDir {
   TempDir& operator=(const TempDir&) = delete;
   std::string operator/(const std::string& name) const { return (path / name).string(); }
 };
+
+// A small latent model (format version 2): tiny_unet() on 4-channel 8x6 latents and a decoder
+// ("vq": 32-entry codebook, post_quant_conv 4 -> 3; "kl": AutoencoderKL) of channels (8, 16),
+// factor 2, scaling_factor 0.5: 16x12 RGB images.
+inline graph::UNetConfig small_latent_unet() {
+  graph::UNetConfig u = tiny_unet();
+  u.sample_height = 8;
+  u.sample_width = 6;
+  u.in_channels = u.out_channels = 4;
+  return u;
+}
+inline graph::DecoderConfig small_decoder(const std::string& kind) {
+  graph::DecoderConfig d;
+  d.decoder = kind;
+  d.component = kind == "vq" ? "vqvae" : "vae";
+  d.latent_channels = 4;
+  d.decoder_in_channels = kind == "vq" ? 3 : 4;
+  d.num_vq_embeddings = 32;
+  d.block_out_channels = {8, 16};
+  d.layers_per_block = 1;
+  d.norm_num_groups = 4;
+  d.latent_height = 8;
+  d.latent_width = 6;
+  d.scaling_factor = 0.5;
+  return d;
+}
+inline std::shared_ptr<const Model> latent_model(const std::string& kind, std::uint64_t seed = 3) {
+  auto bytes = graph::make_random_latent_model_file(small_latent_unet(), small_decoder(kind), ScheduleConfig{}, seed);
+  return Model::load_from_memory(bytes, "latent-" + kind);
+}
 
 }  // namespace ddim::test

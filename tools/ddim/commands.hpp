@@ -6,6 +6,7 @@
 #include <initializer_list>
 #include <memory>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -22,6 +23,7 @@ extern const CommandSpec kInvertCommand;
 extern const CommandSpec kInterpolateCommand;
 extern const CommandSpec kCompareCommand;
 extern const CommandSpec kEtaStudyCommand;
+extern const CommandSpec kDecodeCommand;
 
 // Each returns the process exit code; errors are thrown (UsageError, ddim::Error).
 int run_sample(const ParsedArgs& args);
@@ -31,6 +33,11 @@ int run_invert(const ParsedArgs& args);
 int run_interpolate(const ParsedArgs& args);
 int run_compare(const ParsedArgs& args);
 int run_eta_study(const ParsedArgs& args);
+int run_decode(const ParsedArgs& args);
+
+// A file name for a graph node's --dump output: the node's name when it is made of
+// [A-Za-z0-9._-] only, else a sanitised name with `index` appended; never one in `used`.
+std::string dump_file_name(const std::string& node, std::size_t index, std::set<std::string>& used);
 
 // "ddim 0.1.0".
 std::string version_string();

@@ -45,6 +45,8 @@ std::vector<int> parse_timesteps(const std::string& text) {
   throw UsageError("--t: '" + text + "' is neither an integer nor a .npy file");
 }
 
+}  // namespace
+
 // A file name for a node: its name when it is made of [A-Za-z0-9._-] only (state-dict style
 // names are), else a sanitised name with the node's index appended; never a duplicate.
 std::string dump_file_name(const std::string& node, std::size_t index, std::set<std::string>& used) {
@@ -63,8 +65,6 @@ std::string dump_file_name(const std::string& node, std::size_t index, std::set<
   used.insert(name);
   return name;
 }
-
-}  // namespace
 
 const CommandSpec kForwardCommand{"forward", "", "Run one forward pass of the network (e.g. to compare with PyTorch).",
                                   kOptions};
@@ -123,8 +123,11 @@ int run_forward(const ParsedArgs& args) {
 
   check_conditioning(*model, conditioning, n);
   session_options.batch = n;
-  session_options.height = static_cast<int>(x.shape[2]);
-  session_options.width = static_cast<int>(x.shape[3]);
+  // A latent model's session takes the decoded image's size; x holds latents.
+  const int factor = info.is_latent() ? info.latent.factor : 1;
+  session_options.height = static_cast<int>(x.shape[2]) * factor;
+  session_options.width = static_cast<int>(x.shape[3]) * factor;
+  session_options.decode = false;
   const std::unique_ptr<Session> session = create_session(model, session_options, what, false, args);
   if (dump_dir) outputs.make_directory(*dump_dir, "--dump");
   std::string manifest;  // "index<TAB>node<TAB>shape<TAB>file" per line, graph order

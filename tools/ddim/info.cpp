@@ -148,6 +148,7 @@ int run_info(const ParsedArgs& args) {
     char flops[64];
     std::snprintf(flops, sizeof flops, "%.3f", p.forward_flops / 1e9);
     ps << "  forward:   " << flops << " GFLOP per step (convolutions, projections, attention; unpadded)\n";
+    if (!p.decoder.empty()) ps << "  decoder:   " << one_line(p.decoder) << "\n";
     if (!p.fallback.empty()) ps << "  note:      on the CPU because the CUDA backend failed: " << one_line(p.fallback) << "\n";
     os << ps.str();
   }

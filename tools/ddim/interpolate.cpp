@@ -159,8 +159,9 @@ int run_interpolate(const ParsedArgs& args) {
   options.conditioning = conditioning_from(args);
   check_conditioning(*model, options.conditioning, frames);
   session_options.batch = frames;
-  session_options.height = static_cast<int>(height);
-  session_options.width = static_cast<int>(width);
+  const int factor = model->info().is_latent() ? model->info().latent.factor : 1;  // latents in, images out
+  session_options.height = static_cast<int>(height) * factor;
+  session_options.width = static_cast<int>(width) * factor;
   const std::unique_ptr<Session> session = create_session(
       model, session_options, seeds_text ? std::string("the model's sample size") : "--x-T " + format::quote_path(path_a), false, args);
   const PlanInfo& plan_info = session->plan_info();

@@ -135,8 +135,11 @@ int run_invert(const ParsedArgs& args) {
   plan_timesteps(*model, args, options.steps, options.spacing, options.timesteps, std::nullopt);  // option errors first
   const Input input = read_input(input_path, model->info().in_channels);
   session_options.batch = static_cast<int>(input.n);
-  session_options.height = static_cast<int>(input.h);
-  session_options.width = static_cast<int>(input.w);
+  // A latent model inverts latents (its session takes the decoded image's size; nothing is decoded).
+  const int factor = model->info().is_latent() ? model->info().latent.factor : 1;
+  session_options.height = static_cast<int>(input.h) * factor;
+  session_options.width = static_cast<int>(input.w) * factor;
+  session_options.decode = false;
   options.want_trajectory = trajectory_path.has_value();
   options.conditioning = conditioning_from(args);
   check_conditioning(*model, options.conditioning, session_options.batch);

@@ -40,6 +40,7 @@ const Command kCommands[] = {
     {&ddim::cli::kInterpolateCommand, ddim::cli::run_interpolate},
     {&ddim::cli::kCompareCommand, ddim::cli::run_compare},
     {&ddim::cli::kEtaStudyCommand, ddim::cli::run_eta_study},
+    {&ddim::cli::kDecodeCommand, ddim::cli::run_decode},
     {&ddim::cli::kInfoCommand, ddim::cli::run_info},
 };
 

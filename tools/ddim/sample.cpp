@@ -37,10 +37,11 @@ constexpr OptionSpec kOptions[] = {
     {"--autotune", "", "", "CUDA: time cuDNN's engines for every convolution at plan time and keep the fastest"},
     {"--profile", "", "", "CUDA: run each step eagerly with one NVTX range per graph node (for Nsight; slower)"},
     {"--precision", "P", "auto", "auto|fp32|fp16|bf16; auto is fp16 on CUDA, fp32 on the CPU"},
-    {"--height", "H", "", "sample height (default: the model's)"},
-    {"--width", "W", "", "sample width (default: the model's)"},
+    {"--height", "H", "", "sample height (default: the model's); latent models: pixels of the decoded image, latents H/f"},
+    {"--width", "W", "", "sample width (default: the model's); latent models: pixels of the decoded image, latents W/f"},
+    {"--decode", "on|off", "on", "latent models: decode the final latents into images; off writes the latents"},
     {"--threads", "N", "0", "CPU worker threads (at most 1024), 0 for all cores"},
-    {"--x-T", "FILE", "", "start from this float32 (N, C, H, W) .npy instead of seeded noise"},
+    {"--x-T", "FILE", "", "start from this float32 (N, C, H, W) .npy instead of seeded noise (latent models: latents)"},
     {"--noise", "FILE", "", "float32 (S, N, C, H, W) .npy: the unit-normal noise of each step (needs eta > 0; ddpm: S = T)"},
     {"--out", "FILE", "samples.png", "output: a .png grid or a .npy of the raw float32 (N, C, H, W); skipped when only --out-dir is given"},
     {"--out-dir", "DIR", "", "also write one PNG per sample, <seed>_<index>.png, with metadata"},
@@ -106,6 +107,10 @@ int run_sample(const ParsedArgs& args) {
   session_options.autotune = args.flag("--autotune");
   if (args.get("--height")) session_options.height = args.integer("--height", 1, kMaxSampleSize);
   if (args.get("--width")) session_options.width = args.integer("--width", 1, kMaxSampleSize);
+  if (const auto decode = args.get("--decode")) {
+    if (*decode != "on" && *decode != "off") throw UsageError("--decode: '" + *decode + "' (expected on or off)");
+    session_options.decode = *decode == "on";
+  }
 
   const std::optional<std::string> x_T_path = args.get("--x-T");
   const std::optional<std::string> noise_path = args.get("--noise");
@@ -162,11 +167,20 @@ int run_sample(const ParsedArgs& args) {
   // ---- the model and the inputs (their declared shapes checked before their data is read)
   const std::shared_ptr<const Model> model = Model::load(model_path);
   const ModelInfo& info = model->info();
+  // The sampled space (latents for a latent model: --height/--width are then the image's pixels).
   const std::int64_t channels = info.in_channels;
-  const std::int64_t height = session_options.height > 0 ? session_options.height : info.height;
-  const std::int64_t width = session_options.width > 0 ? session_options.width : info.width;
-  if ((out_png || out_dir) && channels != 1 && channels != 3) {
-    throw Error(ErrorCode::InvalidArgument, "the model's samples have " + std::to_string(channels) +
+  const std::int64_t factor = info.is_latent() ? info.latent.factor : 1;
+  if (!info.is_latent() && args.given("--decode")) throw UsageError("--decode applies to latent models only");
+  if (session_options.height > 0 && (session_options.height % factor || session_options.width % factor)) {
+    throw UsageError("--height/--width are the decoded image's pixels and must be multiples of the decoder's factor " +
+                     std::to_string(factor));
+  }
+  const std::int64_t height = session_options.height > 0 ? session_options.height / factor : info.height;
+  const std::int64_t width = session_options.width > 0 ? session_options.width / factor : info.width;
+  const std::int64_t out_channels = info.is_latent() && session_options.decode ? info.latent.image_channels : channels;
+  if ((out_png || out_dir) && out_channels != 1 && out_channels != 3) {
+    throw Error(ErrorCode::InvalidArgument, "the " + std::string(info.is_latent() && !session_options.decode ? "latents" : "samples") +
+                                                " have " + std::to_string(out_channels) +
                                                 " channels, which a PNG cannot hold; use --out FILE.npy");
   }
 
@@ -254,6 +268,7 @@ int run_sample(const ParsedArgs& args) {
 
   const std::int64_t S = static_cast<std::int64_t>(result.timesteps.size());
   const std::int64_t n = result.n, c = result.c, h = result.h, w = result.w;
+  const std::int64_t lc = result.latent_c, lh = result.latent_h, lw = result.latent_w;  // trajectory, x0
   const auto expect_size = [](const std::vector<float>& data, std::int64_t count, const char* what) {
     if (data.size() != static_cast<std::size_t>(count)) {
       throw Error(ErrorCode::Internal, std::string("the session returned ") + std::to_string(data.size()) + " " + what +
@@ -305,13 +320,13 @@ int run_sample(const ParsedArgs& args) {
     }
   }
   if (trajectory_path) {
-    expect_size(result.trajectory, (S + 1) * n * c * h * w, "trajectory");
-    const std::int64_t shape[] = {S + 1, n, c, h, w};
+    expect_size(result.trajectory, (S + 1) * n * lc * lh * lw, "trajectory");
+    const std::int64_t shape[] = {S + 1, n, lc, lh, lw};
     outputs.stage(*trajectory_path, tools::encode_npy_f32(shape, result.trajectory));
   }
   if (x0_path) {
-    expect_size(result.x0, S * n * c * h * w, "x0");
-    const std::int64_t shape[] = {S, n, c, h, w};
+    expect_size(result.x0, S * n * lc * lh * lw, "x0");
+    const std::int64_t shape[] = {S, n, lc, lh, lw};
     outputs.stage(*x0_path, tools::encode_npy_f32(shape, result.x0));
   }
   outputs.commit();
@@ -322,6 +337,7 @@ int run_sample(const ParsedArgs& args) {
   const std::string kind = ddpm ? std::string("DDPM, ") + to_string(ddpm_options.variance.value_or(
                                                              model->schedule().variance_type))
                                 : "eta " + format_real(eta);
+  if (!plan_info.decoder.empty()) std::fprintf(stderr, "ddim: decoder %s\n", one_line(plan_info.decoder).c_str());
   std::fprintf(stderr, "ddim: %lld samples %lldx%lldx%lld, %lld steps (%s) on %s %s in %.3f s (%.1f ms/step) -> %s\n",
                static_cast<long long>(n), static_cast<long long>(c), static_cast<long long>(h),
                static_cast<long long>(w), static_cast<long long>(S), kind.c_str(),

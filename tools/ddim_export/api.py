@@ -31,6 +31,8 @@ class ExportResult:
     dtype: str
     reference: Callable[[], torch.nn.Module]  # builds the float32 PyTorch model that `verify` compares against
     verify_report: VerifyReport | None = None
+    decoder: BuiltGraph | None = None  # latent models: the decoder graph (export_latent)
+    decoder_arch: Any = None           # and its decoder.DecoderArch
 
     @property
     def num_parameters(self) -> int:
@@ -131,13 +133,80 @@ def export(unet_module, scheduler_config, path, dtype: str = "float32", *, ddim=
                    {"source": "diffusers UNet2DModel"}, ddim, check, verify, tolerance, timesteps)
 
 
+def export_latent(unet_module, decoder_module, scheduler_config, path, dtype: str = "float32", *, component=None,
+                  ddim=None, verify: bool = False, tolerance: float = DEFAULT_TOLERANCE,
+                  timesteps: Iterable[int] | None = None, check: bool = True,
+                  provenance: dict[str, str] | None = None) -> ExportResult:
+    """Exports a latent model held in memory: a UNet2DModel and a VQModel (LDMPipeline's `vqvae`) or AutoencoderKL
+    (`vae`) into one file of format version 2 (weights/FORMAT.md section 9). `component` (default: "vqvae" for a
+    VQModel, "vae" for an AutoencoderKL) prefixes the decoder's tensor and node names. --verify checks the U-Net."""
+    from .decoder import build_decoder_graph, decoder_arch_from_config, decoder_tensors
+
+    config = {k: v for k, v in dict(unet_module.config).items()}
+    if type(unet_module).__name__ != "UNet2DModel" and config.get("_class_name") != "UNet2DModel":
+        raise ExportError(f"export_latent() needs a diffusers UNet2DModel, got {type(unet_module).__name__}")
+    arch = arch_from_diffusers_config(config)
+    built = build_graph(arch, DiffusersNaming())
+    tensors = select_tensors(built, dict(unet_module.state_dict()), "UNet2DModel state dict",
+                             hint=arch.missing_keys_hint())
+    dconfig = {k: v for k, v in dict(decoder_module.config).items()}
+    dconfig.setdefault("_class_name", type(decoder_module).__name__)
+    component = component or ("vqvae" if dconfig["_class_name"] == "VQModel" else "vae")
+    darch = decoder_arch_from_config(dconfig, component, f"{component} config")
+    if darch.latent_channels != arch.in_channels or arch.out_channels != arch.in_channels:
+        raise ExportError(f"the U-Net samples {arch.in_channels} channels (and outputs {arch.out_channels}) but the "
+                          f"{component} decodes {darch.latent_channels}-channel latents")
+    dbuilt = build_decoder_graph(darch, arch.height, arch.width)
+    dtensors = decoder_tensors(dbuilt, darch, dict(decoder_module.state_dict()), f"{component} state dict")
+    clash = set(tensors) & set(dtensors)
+    if clash:
+        raise ExportError(f"tensor names of the U-Net and the {component} collide: {sorted(clash)[:4]}")
+    tensors.update(dtensors)
+    schedule = schedule_from_scheduler_config(scheduler_config)
+    dtype = normalize_dtype(dtype)
+    prov = {"source": f"diffusers UNet2DModel + {dconfig['_class_name']}"}
+    prov.update(provenance or {})
+    out = write_model(path, built, schedule, tensors, dtype, prov, ddim=ddim, check=check, decoder=dbuilt,
+                      latent=darch.latent_doc())
+    result = ExportResult(out, arch, built, schedule, dtype, lambda: unet_module, decoder=dbuilt, decoder_arch=darch)
+    if verify:
+        result.verify(ddim=ddim, tolerance=tolerance, timesteps=timesteps)
+    return result
+
+
+def _latent_component(root: Path) -> str | None:
+    for name in ("vqvae", "vae"):
+        if (root / name / "config.json").is_file() and (root / "unet" / "config.json").is_file():
+            return name
+    return None
+
+
 def export_diffusers(dir, out, dtype: str = "float32", scheduler_config=None, *, ddim=None, verify: bool = False,
                      tolerance: float = DEFAULT_TOLERANCE, timesteps: Iterable[int] | None = None,
                      check: bool = True, null_class_label=None, null_class_embedding=None) -> ExportResult:
     """Exports a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors or .bin), or the
     unet/ of a pipeline folder. The schedule comes from `scheduler_config` (path, dict or scheduler), else from
-    scheduler_config.json beside the model or in the pipeline's scheduler/ folder, else DDIMScheduler's defaults."""
+    scheduler_config.json beside the model or in the pipeline's scheduler/ folder, else DDIMScheduler's defaults.
+    A latent pipeline folder (unet/ with vqvae/, as LDMPipeline saves it, or with vae/ holding an AutoencoderKL)
+    becomes a latent model file (format version 2) with the decoder."""
     root = Path(dir)
+    component = _latent_component(root) if root.is_dir() else None
+    if component is not None:
+        from diffusers import UNet2DModel
+
+        from .decoder import load_decoder_module
+
+        with _quiet_diffusers():
+            unet = UNet2DModel.from_pretrained(str(root / "unet"), torch_dtype=torch.float32).eval()
+        decoder = load_decoder_module(root / component, component)
+        if scheduler_config is None:
+            found = find_scheduler_config(root / "unet", root)
+            if found is not None:
+                note(f"schedule from {found}")
+                scheduler_config = found
+        return export_latent(unet, decoder, scheduler_config, out, dtype, component=component, ddim=ddim, verify=verify,
+                             tolerance=tolerance, timesteps=timesteps, check=check,
+                             provenance={"source": f"diffusers latent pipeline {root.resolve().name}"})
     unet_dir = find_unet_folder(root)
     config = read_json(unet_dir / "config.json", "model config")
     arch = arch_from_diffusers_config(config, f"{unet_dir / 'config.json'}")
@@ -238,6 +307,42 @@ PRESET_SCHEDULER: dict[str, Any] = {
     "clip_sample": True,
     "variance_type": "fixed_small",
 }
+
+
+# Latent presets: (UNet2DModel kwargs, decoder class, decoder kwargs, scheduler config).
+LATENT_PRESETS: dict[str, tuple[dict[str, Any], str, dict[str, Any], dict[str, Any]]] = {
+    # CompVis/ldm-celebahq-256 (LDMPipeline): the original LDM config celebahq-ldm-vq-4 (model_channels 224,
+    # channel_mult 1,2,3,4, attention at downsampling 2, 4, 8 with 32-wide heads, 64x64x3 latents) and its
+    # VQ-f4 first stage (ch 128, ch_mult 1,2,4, 2 res blocks, 8192 x 3 codebook), scaled_linear betas
+    # 0.0015 .. 0.0195 (the LDM "linear" schedule, linear in sqrt(beta)).
+    "ldm-celebahq-256": (
+        dict(sample_size=64, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=[224, 448, 672, 896],
+             down_block_types=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+             up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"], attention_head_dim=32,
+             norm_num_groups=32, norm_eps=1e-5, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
+             center_input_sample=False, time_embedding_type="positional", act_fn="silu", mid_block_scale_factor=1),
+        "VQModel",
+        dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+             up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[128, 256, 512], layers_per_block=2,
+             act_fn="silu", latent_channels=3, sample_size=256, num_vq_embeddings=8192, norm_num_groups=32),
+        {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+         "beta_start": 0.0015, "beta_end": 0.0195, "clip_sample": False},
+    ),
+}
+
+
+def preset_latent(name: str, seed: int = 0):
+    """(UNet2DModel, decoder, scheduler config) of a latent preset with PyTorch's default initialisation from `seed`."""
+    if name not in LATENT_PRESETS:
+        raise ExportError(f"unknown latent preset {name!r} (known: {', '.join(LATENT_PRESETS)})")
+    import diffusers
+
+    unet_kwargs, cls, dec_kwargs, sched = LATENT_PRESETS[name]
+    with _quiet_diffusers(), torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DModel(**unet_kwargs).eval()
+        decoder = getattr(diffusers, cls)(**dec_kwargs).eval()
+    return unet, decoder, dict(sched)
 
 
 def preset_unet(name: str, seed: int = 0):

@@ -8,8 +8,9 @@ import sys
 from .errors import ExportError
 
 USAGE = """python3 tools/export.py --diffusers DIR --out FILE [--scheduler-config FILE] [options]
+       (DIR: a UNet2DModel folder, or a pipeline folder with unet/, or a latent pipeline with unet/ and vqvae/ or vae/)
        python3 tools/export.py --ddpm-checkpoint FILE --config FILE.json --out FILE [--ema] [options]
-       python3 tools/export.py --preset {cifar10-32,celebahq-256} --random [--seed S] --out FILE [options]"""
+       python3 tools/export.py --preset {cifar10-32,celebahq-256,ldm-celebahq-256} --random [--seed S] --out FILE [options]"""
 
 DESCRIPTION = """Converts a DDPM-family U-Net into a ddim model file (weights/FORMAT.md): the graph, the noise schedule and
 the weights in one safetensors file. The written file is loaded with `ddim info` before it replaces FILE
@@ -66,8 +67,11 @@ def make_parser() -> argparse.ArgumentParser:
     src.add_argument("--ddpm-checkpoint", metavar="FILE",
                      help="a checkpoint of the original DDPM/DDIM code (ermongroup/ddim, pesser/pytorch_diffusion): "
                           ".ckpt/.pth/.pt (loaded with torch.load(weights_only=True)) or .safetensors; needs --config")
-    src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS),
-                     help=f"a built-in architecture with random weights ({', '.join(PRESETS)}); needs --random")
+    from .api import LATENT_PRESETS
+
+    src.add_argument("--preset", metavar="NAME", choices=sorted(PRESETS) + sorted(LATENT_PRESETS),
+                     help=f"a built-in architecture with random weights ({', '.join(list(PRESETS) + list(LATENT_PRESETS))}; "
+                          "ldm-celebahq-256 is a latent model: U-Net and VQ decoder); needs --random")
     opt = p.add_argument_group("output and checks")
     opt.add_argument("--out", metavar="FILE", help="the model file to write (required)")
     opt.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -148,8 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                                                 **common)
         else:
             seed = args.seed if args.seed is not None else 0
-            scheduler = args.scheduler_config if args.scheduler_config is not None else api.PRESET_SCHEDULER
-            result = api.export(api.preset_unet(args.preset, seed), scheduler, args.out, args.dtype, **common, **null)
+            if args.preset in api.LATENT_PRESETS:
+                unet, decoder, sched = api.preset_latent(args.preset, seed)
+                scheduler = args.scheduler_config if args.scheduler_config is not None else sched
+                result = api.export_latent(unet, decoder, scheduler, args.out, args.dtype, **common)
+            else:
+                scheduler = args.scheduler_config if args.scheduler_config is not None else api.PRESET_SCHEDULER
+                result = api.export(api.preset_unet(args.preset, seed), scheduler, args.out, args.dtype, **common, **null)
     except ExportError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
@@ -163,4 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {result.path}: {len(result.built.graph['nodes'])} nodes, {len(result.built.params)} tensors, "
           f"{result.num_parameters:,} parameters ({result.dtype}), {a.in_channels}x{a.height}x{a.width} input"
           + ("; verified" if result.verify_report is not None else ""))
+    dec = getattr(result, "decoder", None)
+    if dec is not None:
+        d = result.decoder_arch
+        print(f"  latent model: decoder '{d.component}' ({'VQModel' if d.kind == 'vq' else 'AutoencoderKL'}), "
+              f"{len(dec.graph['nodes'])} nodes, {dec.num_parameters:,} parameters; images "
+              f"{d.out_channels}x{a.height * d.factor}x{a.width * d.factor} (factor {d.factor}, scaling_factor "
+              f"{d.scaling_factor:g})")
     return 0

@@ -17,7 +17,8 @@ from .errors import ExportError, note
 from .graph import BuiltGraph
 from .schedule import Schedule
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # pixel-space models; latent models (a decoder) are written as LATENT_FORMAT_VERSION
+LATENT_FORMAT_VERSION = "2"
 EXPORTER_VERSION = "ddim_export 1"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -125,9 +126,11 @@ def ddim_info(ddim: str, path: str | os.PathLike) -> str:
 
 def write_model(out: str | os.PathLike, built: BuiltGraph, schedule: Schedule, tensors: dict[str, torch.Tensor],
                 dtype: str = "float32", provenance: dict[str, str] | None = None,
-                ddim: str | os.PathLike | None = None, check: bool = True) -> Path:
+                ddim: str | os.PathLike | None = None, check: bool = True, decoder: BuiltGraph | None = None,
+                latent: dict[str, Any] | None = None) -> Path:
     """Writes the model file atomically (a temporary file beside `out`, loaded with `ddim info` when a ddim
-    binary is available, then renamed over `out`)."""
+    binary is available, then renamed over `out`). A latent model passes its `decoder` graph and `latent`
+    configuration (weights/FORMAT.md section 9; the decoder's tensors are among `tensors`)."""
     from safetensors.torch import save_file
 
     dtype = normalize_dtype(dtype)
@@ -149,6 +152,12 @@ def write_model(out: str | os.PathLike, built: BuiltGraph, schedule: Schedule, t
         "ddim.schedule": json.dumps(schedule.doc, allow_nan=False, separators=(",", ":")),
         "exporter": EXPORTER_VERSION,
     }
+    if (decoder is None) != (latent is None):
+        raise AssertionError("a latent model needs both the decoder graph and the latent configuration")
+    if decoder is not None:
+        metadata["ddim.format_version"] = LATENT_FORMAT_VERSION
+        metadata["ddim.decoder"] = json.dumps(decoder.graph, allow_nan=False, separators=(",", ":"))
+        metadata["ddim.latent"] = json.dumps(latent, allow_nan=False, separators=(",", ":"))
     for k, v in (provenance or {}).items():
         if k.startswith("ddim."):
             raise AssertionError("the ddim. prefix is reserved")

@@ -9,20 +9,25 @@
 
 #include "ddim/error.hpp"
 #include "format/container.hpp"
+#include "graph/decoder.hpp"
 #include "graph/unet_builder.hpp"
 
 namespace {
 
 void usage(FILE* f) {
   std::fprintf(f,
-               "usage: ddim-make-model --preset tiny|small|cifar10-32|celebahq-256 --out FILE [--seed 0] [--dtype f32|f16|bf16]\n"
-               "                       [--train-timesteps 1000] [--class index|scalar|vector] [--num-classes 10] [--record-null]\n"
+               "usage: ddim-make-model --preset tiny|small|cifar10-32|celebahq-256|ldm-celebahq-256 --out FILE [--seed 0]\n"
+               "                       [--dtype f32|f16|bf16] [--train-timesteps 1000]\n"
+               "                       [--class index|scalar|vector] [--num-classes 10] [--record-null]\n"
                "  Writes a ddim model file with random weights (PyTorch's default init scale) and a linear\n"
                "  beta schedule (1e-4 .. 0.02) over --train-timesteps steps (fewer make DDPM runs short, for tests).\n"
                "  tiny:       32x32 RGB, channels (32, 64), attention at 16x16, 1 layer per block\n"
                "  small:      32x32 RGB, channels (64, 128, 128), attention at 16x16, 2 layers per block\n"
                "  cifar10-32: the google/ddpm-cifar10-32 architecture (35.7M parameters)\n"
                "  celebahq-256: the google/ddpm-celebahq-256 architecture (113.7M parameters)\n"
+               "  ldm-celebahq-256: the CompVis/ldm-celebahq-256 latent model: U-Net on 64x64x3 latents and the\n"
+               "               VQModel decoder (8192-entry codebook) to 256x256 RGB, its scaled_linear schedule\n"
+               "               (0.0015 .. 0.0195); format version 2\n"
                "  --class makes a class-conditional model (diffusers' num_class_embeds, class_embed_type \"timestep\" or\n"
                "  \"identity\"); --record-null records the unconditional input for guidance (index: the last class,\n"
                "  scalar: 0, vector: zeros).\n");
@@ -100,6 +105,22 @@ int main(int argc, char** argv) {
     usage(stderr);
     return 2;
   }
+  if (preset == "ldm-celebahq-256") {
+    try {
+      const ddim::graph::UNetConfig u = ddim::graph::ldm_celebahq256_unet();
+      const ddim::graph::DecoderConfig d = ddim::graph::DecoderConfig::ldm_celebahq256();
+      ddim::ScheduleConfig schedule = ddim::graph::ldm_celebahq256_schedule();
+      schedule.num_train_timesteps = train_timesteps;
+      ddim::format::write_file(out, ddim::graph::make_random_latent_model_file(u, d, schedule, seed, dtype));
+      std::printf("wrote %s (%s, U-Net %lld + VQ decoder %lld parameters, random weights, seed %llu)\n", out.c_str(),
+                  preset.c_str(), static_cast<long long>(ddim::graph::build_unet2d(u).parameter_count()),
+                  static_cast<long long>(ddim::graph::build_decoder(d).parameter_count()), static_cast<unsigned long long>(seed));
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "ddim-make-model: error: %s\n", e.what());
+      return 1;
+    }
+    return 0;
+  }
   ddim::graph::UNetConfig c;
   if (preset == "tiny") {
     c.block_out_channels = {32, 64};
@@ -115,7 +136,7 @@ int main(int argc, char** argv) {
   } else if (preset == "celebahq-256") {
     c = ddim::graph::UNetConfig::celebahq256();
   } else {
-    std::fprintf(stderr, "ddim-make-model: error: unknown preset '%s' (tiny, small, cifar10-32, celebahq-256)\n", preset.c_str());
+    std::fprintf(stderr, "ddim-make-model: error: unknown preset '%s' (tiny, small, cifar10-32, celebahq-256, ldm-celebahq-256)\n", preset.c_str());
     return 2;
   }
   using ddim::graph::ClassKind;

@@ -30,6 +30,18 @@ struct ModelInfo {
   int num_classes = 0;
   int class_dim = 0;
   std::vector<float> null_class;  // 1 value (index, scalar) or class_dim values; empty: none recorded
+  // Latent models (format version 2; weights/FORMAT.md section 9): the U-Net samples latents of
+  // (in_channels, height, width) and the decoder turns them into images factor times larger.
+  // parameter_count and node_count above are the U-Net's.
+  struct Latent {
+    std::string decoder;    // "vq" (VQModel) or "kl" (AutoencoderKL); empty: a pixel-space model
+    std::string component;  // "vqvae", "vae": the decoder's tensor and node name prefix
+    double scaling_factor = 1.0, shift_factor = 0.0;  // decoder input = latents / scaling + shift
+    int factor = 1;                                    // image height / latent height
+    int image_channels = 0;
+    std::int64_t decoder_parameter_count = 0, decoder_node_count = 0;
+  } latent;
+  bool is_latent() const { return !latent.decoder.empty(); }
 };
 
 class DDIM_API Model {
@@ -55,6 +67,7 @@ class DDIM_API Model {
 
  private:
   explicit Model(std::unique_ptr<Impl> impl);
+  static std::shared_ptr<const Model> from_impl(std::unique_ptr<Impl> impl);  // wraps a decoder too
   std::unique_ptr<Impl> impl_;
 };
 

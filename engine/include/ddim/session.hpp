@@ -52,6 +52,11 @@ struct SessionOptions {
   Precision precision = Precision::Auto;
   int height = 0;   // 0: the model's declared size
   int width = 0;
+  // Latent models (ModelInfo::is_latent): height and width are the decoded image's pixels
+  // (multiples of the decoder's factor f; the U-Net samples latents of height/f x width/f), and
+  // sample() decodes the final latents once at the end. decode = false: no decoder is planned and
+  // sample() returns the latents. Ignored for pixel-space models.
+  bool decode = true;
   int threads = 0;  // CPU worker threads, 0 .. kMaxThreads; 0: hardware concurrency
   // CUDA: run every step eagerly (no CUDA graph) with one NVTX range per graph node, for
   // profiling with Nsight Systems / Compute (ranges inside a captured graph do not replay).
@@ -136,7 +141,10 @@ struct SampleResult {
   int n = 0, c = 0, h = 0, w = 0;
   std::vector<int> timesteps;     // the timesteps actually visited
   std::string warning;            // e.g. the spacing gave a different step count than asked
-  std::vector<float> images;      // (N, C, H, W), the raw final sample (not clamped)
+  std::vector<float> images;      // (N, C, H, W), the raw final sample (not clamped); latent
+                                  // models: the decoded images (the latents with decode off)
+  int latent_c = 0, latent_h = 0, latent_w = 0;  // the sampled space (latents; = c, h, w for
+                                                 // pixel models): trajectory and x0 slices
   std::vector<float> trajectory;  // when asked
   std::vector<float> x0;          // when asked
   // With SampleOptions::output_on_device on a CUDA session: the final images, (N, C, H, W) fp32
@@ -164,6 +172,8 @@ struct PlanInfo {
                                           // eagerly (known after the first sample)
   std::string fallback;                   // BackendKind::Auto on the CPU although a CUDA device
                                           // exists: why the CUDA backend could not be used
+  std::string decoder;                    // latent models: the decoder's plan in one line ("" when
+                                          // none is planned); its arena is not in arena_bytes
 };
 
 class DDIM_API Session {
@@ -194,6 +204,12 @@ class DDIM_API Session {
   // guided output (both halves in one forward of 2N). `dump`, when set, sees the conditional half.
   std::vector<float> forward(std::span<const float> x, std::span<const int> t, const ClassConditioning& conditioning,
                              const NodeOutputCallback& dump = {});
+
+  // Latent models, with SessionOptions::decode: the decoder alone on latents (N, C, h, w) of the
+  // session's batch and latent size: z = latents / scaling_factor + shift_factor (as diffusers
+  // divides before vae.decode), then the decoder graph; returns images (N, C_img, f*h, f*w).
+  // dump: every decoder node's output in graph order (node names carry the component prefix).
+  std::vector<float> decode(std::span<const float> latents, const NodeOutputCallback& dump = {});
 
   // The timesteps sample(options) visits (the count can differ from options.steps, e.g. uniform
   // spacing), without sampling: the size of what it returns, e.g. trajectory (S + 1, N, C, H, W)
