@@ -180,7 +180,7 @@ struct ddim_model {
 struct ddim_session {
   std::unique_ptr<ddim::Session> session;
   // What ddim_session_get_plan_info points into (rebuilt by every call).
-  std::vector<const char*> fusions, folded_nodes, warnings;
+  std::vector<const char*> fusions, folded_nodes, warnings, folded_per_label;
 };
 
 struct ddim_scheduler {
@@ -500,6 +500,7 @@ ddim_status ddim_session_get_plan_info(ddim_session* session, ddim_plan_info* in
     pointers(p.fusions, session->fusions);
     pointers(p.folded_nodes, session->folded_nodes);
     pointers(p.warnings, session->warnings);
+    pointers(p.folded_per_label, session->folded_per_label);
     ddim_plan_info c{};
     c.backend = p.backend.c_str();
     c.precision = p.precision.c_str();
@@ -517,6 +518,9 @@ ddim_status ddim_session_get_plan_info(ddim_session* session, ddim_plan_info* in
     c.warnings = session->warnings.data();
     c.warning_count = session->warnings.size();
     c.fallback = p.fallback.c_str();
+    c.folded_per_label = session->folded_per_label.data();
+    c.folded_per_label_count = session->folded_per_label.size();
+    c.forward_batch = p.forward_batch;
     write_struct(info, c, "ddim_plan_info");
   });
 }

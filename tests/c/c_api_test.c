@@ -800,6 +800,17 @@ int main(int argc, char** argv) {
     so.batch = 2;
     so.threads = 1;
     OK(ddim_session_create(cc, &so, &cs));
+    {
+      ddim_plan_info pi;
+      size_t k;
+      int has_add = 0;
+      memset(&pi, 0, sizeof pi);
+      pi.struct_size = sizeof pi;
+      OK(ddim_session_get_plan_info(cs, &pi));
+      CHECK(pi.forward_batch == 4 && pi.folded_per_label_count > 0);
+      for (k = 0; k < pi.folded_per_label_count; ++k) has_add |= strcmp(pi.folded_per_label[k], "class_embedding.add") == 0;
+      CHECK(has_add);
+    }
     CE = (size_t)ci.in_channels * (size_t)ci.height * (size_t)ci.width;
     cc_images = (float*)malloc(2 * CE * sizeof(float));
     cc_out = (float*)malloc(2 * CE * sizeof(float));

@@ -11,6 +11,8 @@
 #include "ddim/error.hpp"
 #include "ddim/session.hpp"
 #include "ddim/toolkit.hpp"
+#include "format/container.hpp"
+#include "format/model_metadata.hpp"
 #include "graph/unet_builder.hpp"
 #include "test_util.hpp"
 
@@ -180,4 +182,55 @@ TEST_CASE("class conditioning: inversion with guidance round-trips (refined), sa
   double far = 0;
   for (std::size_t i = 0; i < x0.size(); ++i) far = std::max(far, double(std::fabs(other[i] - x0[i])));
   CHECK(far > 10 * err);
+}
+
+TEST_CASE("class conditioning: the file format (version 2 only where needed, hostile declarations refused)") {
+  // An unconditional file stays version 1 (older readers load it); a conditional one is version 2.
+  CHECK(test::tiny_model()->info().format_version == 1);
+  auto cc = class_model(graph::ClassKind::Scalar, true);
+  CHECK(cc->info().format_version == 2);
+  CHECK(cc->info().class_kind == "scalar");
+  CHECK(cc->info().null_class == std::vector<float>{0.f});
+
+  graph::UNetConfig c = test::tiny_unet();
+  c.class_kind = graph::ClassKind::Index;
+  c.num_classes = 7;
+  const auto built = graph::build_unet2d(c);
+  auto load_error = [&](nlohmann::json g, const std::string& version = "2") {
+    auto meta = format::make_metadata(g, ScheduleConfig{});
+    meta["ddim.format_version"] = version;
+    std::vector<format::TensorData> tensors;
+    std::vector<float> zeros;
+    for (const auto& [name, shape] : built.params) {
+      std::int64_t n = 1;
+      for (auto d : shape) n *= d;
+      zeros.assign(std::size_t(n), 0.01f);
+      tensors.push_back(format::make_tensor_f32(name, shape, zeros));
+    }
+    try {
+      Model::load_from_memory(format::serialize(tensors, meta), "hostile");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::InvalidFile);
+      return std::string(e.what());
+    }
+    return std::string("(loaded)");
+  };
+  CHECK(load_error(built.graph) == "(loaded)");
+  CHECK(load_error(built.graph, "1").find("needs format version 2") != std::string::npos);
+  auto g = built.graph;
+  g["inputs"]["class_labels"]["kind"] = "onehot";
+  CHECK(load_error(g).find("unknown kind 'onehot'") != std::string::npos);
+  g = built.graph;
+  g["inputs"]["class_labels"]["null"] = 7;
+  CHECK(load_error(g).find("'null' must be an integer label in [0, num_classes = 7)") != std::string::npos);
+  g = built.graph;
+  g["inputs"]["class_labels"]["num_classes"] = 6;
+  CHECK(load_error(g).find("differs from the input's num_classes 6") != std::string::npos);
+  g = built.graph;
+  g["inputs"]["class_labels"]["extra"] = 1;
+  CHECK(load_error(g).find("unknown key 'extra'") != std::string::npos);
+  g = built.graph;
+  for (auto& n : g["nodes"])
+    if (n["name"] == "class_embedding.add") n["inputs"] = {"time_embedding.linear_2", "time_embedding.linear_2"};
+  CHECK(load_error(g).find("does not depend on the input 'class_labels'") != std::string::npos);
 }

@@ -235,6 +235,18 @@ std::map<std::string, std::function<Outcome()>> hostile_files(const test::TempDi
       p.graph["output"] = "up";
     });
   });
+  // ---- class conditioning (format version 2)
+  const auto conditional = [](Parts& p) {  // the class label's embedding added to the time embedding
+    p.graph["inputs"]["class_labels"] = json::parse(R"({"kind": "scalar"})");
+    p.graph["nodes"].insert(p.graph["nodes"].begin() + 1,
+                            json::parse(R"({"name": "cemb", "op": "timestep_embedding", "inputs": ["class_labels"], "attrs": {"dim": 4}})"));
+    p.graph["nodes"].insert(p.graph["nodes"].begin() + 2, json::parse(R"({"name": "both", "op": "add", "inputs": ["temb", "cemb"]})"));
+    p.graph["nodes"][3]["inputs"] = json::array({"both"});
+    p.meta["ddim.format_version"] = "2";
+  };
+  b("G15", [=] { return edit([=](Parts& p) { conditional(p); p.meta["ddim.format_version"] = "1"; }); });
+  b("G16", [=] { return edit([=](Parts& p) { conditional(p); p.graph["inputs"]["class_labels"]["kind"] = "onehot"; }); });
+  b("G17", [=] { return edit([=](Parts& p) { conditional(p); p.graph["nodes"][3]["inputs"] = json::array({"temb"}); }); });
   // ---- the schedule
   b("S1", [] { return edit([](Parts& p) { p.meta["ddim.schedule"] = "[1]"; }); });
   b("S2", [] { return edit([](Parts& p) { p.schedule["beta_max"] = 1; }); });

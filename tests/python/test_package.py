@@ -758,6 +758,7 @@ def test_class_conditional_sample_invert_forward(tmp_path):
     m = ddim.export(unet, dict(num_train_timesteps=1000, clip_sample=False), tmp_path / "cc.ddim", null_class_label=3)
     assert m.info.class_kind == "index" and m.info.num_classes == 4 and list(m.info.null_class) == [3.0]
     s = ddim.Session(m, device="cpu", batch=2)
+    assert s.plan_info["forward_batch"] == 4 and "class_embedding.add" in s.plan_info["folded_per_label"]
     with pytest.raises(ddim.InvalidArgumentError, match="give class labels"):
         s.sample(steps=2)
     with pytest.raises(ddim.InvalidArgumentError, match=r"not an integer in \[0, 4\)"):

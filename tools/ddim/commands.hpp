@@ -89,8 +89,8 @@ void check_finite(std::span<const float> data, const std::string& what);
 // --guidance-rescale, --null-class-label, --null-class-embedding. Checks what the command line
 // alone can (numbers, files, shapes); the session checks them against the model.
 ClassConditioning conditioning_from(const ParsedArgs& args);
-// The batch the labels imply: the count of --class-labels or the N of --class-embeddings (N, D)
-// when more than one; 0 when they fit any batch.
+// The batch the labels imply: the count of --class-labels when it lists more than one; 0 when
+// they fit any batch (one label, or --class-embeddings, whose N the session checks).
 int conditioning_batch(const ClassConditioning& c);
 // The class options against the model (ModelInfo: its kind, classes, recorded null input) for a
 // batch of `batch`: UsageError naming the option for labels an unconditional model cannot take,

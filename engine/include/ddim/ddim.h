@@ -203,6 +203,10 @@ typedef struct ddim_plan_info {
   const char* const* folded_nodes; size_t folded_node_count;
   const char* const* warnings;     size_t warning_count;
   const char* fallback;  /* AUTO on the CPU although a CUDA device exists: why; else "" */
+  /* Class-conditional models: the folded nodes evaluated per (step, class label), and the samples
+     the memory plan holds (2 x batch: guidance's conditional and null halves; else the batch). */
+  const char* const* folded_per_label; size_t folded_per_label_count;
+  int forward_batch;
 } ddim_plan_info;
 /* The strings point into the session: valid until its next call (or release). */
 DDIM_C_API ddim_status ddim_session_get_plan_info(ddim_session* session, ddim_plan_info* info);

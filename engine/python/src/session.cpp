@@ -571,6 +571,8 @@ nb::dict plan_info_dict(PySession& s) {
   d["height"] = i.height;
   d["width"] = i.width;
   d["folded_nodes"] = nb::cast(i.folded_nodes);
+  d["folded_per_label"] = nb::cast(i.folded_per_label);
+  d["forward_batch"] = i.forward_batch;
   d["fusions"] = nb::cast(i.fusions);
   d["arena_bytes"] = i.arena_bytes;
   d["unplanned_bytes"] = i.unplanned_bytes;
@@ -752,7 +754,9 @@ void bind_session(nb::module_& m) {
       .def_prop_ro("plan_info", &plan_info_dict,
                    nb::sig("def plan_info(self) -> dict[str, object]"),
                    "The plan as a dict: backend ('cpu' or 'cuda:0 (device name)'), precision, batch, height, width, "
-                   "folded_nodes, fusions, arena_bytes, unplanned_bytes, weight_bytes, forward_flops, warnings, "
+                   "folded_nodes, folded_per_label (class-conditional models: folded per step and label), "
+                   "forward_batch (the samples the plan holds), fusions, arena_bytes, unplanned_bytes, weight_bytes, "
+                   "forward_flops, warnings, "
                    "fallback (why device='auto' chose the CPU although a CUDA device exists).")
       .def_prop_ro(
           "backend", [](PySession& s) { return std::string(ddim::to_string(s.session->backend())); },
