@@ -114,7 +114,7 @@ class DecoderBuilder {
     json p = json::object();
     param(name, "weight", "weight", {cout, cin, k, k}, p);
     param(name, "bias", "bias", {cout}, p);
-    return node(name, "conv2d", {x}, {{"out_channels", cout}, {"kernel", k}, {"padding", k / 2}}, p);
+    return node(name, "conv2d", {x}, {{"out_channels", cout}, {"kernel", k}, {"stride", 1}, {"padding", k / 2}}, p);
   }
   std::string group_norm(const std::string& name, const std::string& x, int c, bool silu) {
     json p = json::object();

@@ -300,6 +300,44 @@ std::map<std::string, std::function<Outcome()>> hostile_files(const test::TempDi
       p.tensors.push_back(format::make_tensor_f32("ac", {1000}, ac));
     });
   });
+  // ---- latent models (section 9): the small VQ latent model of test_util.hpp, edited
+  const auto latent = [](const std::function<void(std::map<std::string, std::string>&, std::vector<format::TensorData>&)>& f,
+                         graph::DecoderConfig d = test::small_decoder("vq")) {
+    const graph::BuiltUNet net = graph::build_unet2d(test::small_latent_unet());
+    const graph::BuiltDecoder dec = graph::build_decoder(d);
+    std::uint64_t state = 9;
+    std::vector<format::TensorData> tensors;
+    graph::append_random_tensors(net.params, state, format::DType::F32, tensors);
+    graph::append_random_tensors(dec.params, state, format::DType::F32, tensors);
+    auto meta = graph::make_latent_metadata(net.graph, ScheduleConfig{}, dec);
+    f(meta, tensors);
+    return format::serialize(tensors, meta);
+  };
+  const auto latent_json = [&](const char* key, const std::function<void(json&)>& f) {
+    return latent([&](auto& m, auto&) {
+      json j = json::parse(m[key]);
+      f(j);
+      m[key] = j.dump();
+    });
+  };
+  b("L1", [&] { return latent([](auto& m, auto&) { m.erase("ddim.latent"); }); });
+  b("L2", [&] { return latent([](auto& m, auto&) { m["ddim.format_version"] = "1"; }); });
+  b("L3", [] {
+    return edit([](Parts& p) {
+      p.graph["nodes"][3] = {{"name", "out"}, {"op", "vector_quantize"}, {"inputs", {"sum"}}, {"attrs", {{"entries", 2}}},
+                             {"params", {{"codebook", "out.weight"}}}};
+      p.tensors[2] = format::make_tensor_f32("out.weight", {2, 2}, std::vector<float>{0.f, 1.f, 1.f, 0.f});
+    });
+  });
+  b("L4", [&] { return latent_json("ddim.latent", [](json& j) { j["scaling_factor"] = 0; }); });
+  b("L5", [&] { return latent_json("ddim.decoder", [](json& j) { j["inputs"]["timestep"] = json::object(); }); });
+  b("L6", [&] {
+    graph::DecoderConfig d = test::small_decoder("vq");
+    d.latent_height = 4;
+    return latent([](auto&, auto&) {}, d);
+  });
+  b("L7", [&] { return latent_json("ddim.latent", [](json& j) { j["factor"] = 4; }); });
+  b("L8", [&] { return latent([](auto&, auto& t) { t.pop_back(); }); });
   return m;
 }
 

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <random>
 
@@ -220,4 +221,36 @@ TEST_CASE("ldm-celebahq-256 preset: the architecture's parameter counts (diffuse
   CHECK(d.parameter_count() == 32985359);
   CHECK(d.latent.factor == 4);
   CHECK(d.latent.component == "vqvae");
+}
+
+TEST_CASE("ddim CLI: latent models (sample sizes in pixels, --decode off, decode --dump) and the usage errors") {
+  test::TempDir dir;
+  const std::string model = dir / "latent.ddim";
+  format::write_file(model, graph::make_random_latent_model_file(small_latent_unet(), small_decoder("vq"), ScheduleConfig{}, 3));
+  const std::string pixel = dir / "pixel.ddim";
+  format::write_file(pixel, graph::make_random_model_file(test::tiny_unet(), ScheduleConfig{}, 1));
+
+  auto r = test::run_cli("sample --model " + model + " --steps 2 --batch 2 --device cpu --out " + dir / "img.png" +
+                         " --trajectory " + dir / "traj.npy");
+  CHECK_MESSAGE(r.code == 0, r.output);
+  CHECK(test::contains(r.output, "samples 3x16x12"));
+  CHECK(test::contains(r.output, "decoder 'vqvae'"));
+  r = test::run_cli("sample --model " + model + " --steps 2 --batch 2 --device cpu --decode off --out " + dir / "lat.npy");
+  CHECK_MESSAGE(r.code == 0, r.output);
+  CHECK(test::contains(r.output, "samples 4x8x6"));
+  r = test::run_cli("decode --model " + model + " --latents " + dir / "lat.npy" + " --device cpu --out " + dir / "dec.npy" +
+                    " --dump " + dir / "dump");
+  CHECK_MESSAGE(r.code == 0, r.output);
+  CHECK(std::filesystem::exists(dir / "dump/vqvae.decoder.mid_block.attentions.0.npy"));
+  CHECK(std::filesystem::exists(dir / "dump/nodes.txt"));
+  r = test::run_cli("sample --model " + model + " --steps 1 --batch 1 --device cpu --height 15 --width 12 --out " +
+                    dir / "x.npy");
+  CHECK(r.code == 2);
+  CHECK(test::contains(r.output, "multiples of the decoder's factor 2"));
+  r = test::run_cli("sample --model " + pixel + " --steps 1 --batch 1 --device cpu --decode off --out " + dir / "x.npy");
+  CHECK(r.code == 2);
+  CHECK(test::contains(r.output, "--decode applies to latent models only"));
+  r = test::run_cli("decode --model " + pixel + " --latents " + dir / "lat.npy" + " --device cpu --out " + dir / "x.npy");
+  CHECK(r.code == 1);
+  CHECK(test::contains(r.output, "pixel-space model"));
 }
