@@ -87,7 +87,7 @@ struct __attribute__((visibility("hidden"))) Session::Impl {  // internal: not e
       for (float& v : z) v = v + shift;
     std::vector<float> out(batch() * std::size_t(image_c) * std::size_t(image_h) * std::size_t(image_w));
     const std::vector<int> t0(1, 0);  // the decoder graph reads no timestep
-    if (dump) decoder->forward_dump(z, t0, out, dump);
+    if (dump) decoder->forward_dump(z, t0, out, dump, Conditioning{});
     else decoder->forward(z, t0, out);
     if (const std::size_t bad = first_nonfinite(out); bad != kAllFinite)
       throw Error(ErrorCode::InvalidArgument, "decode: the decoder's output is NaN or infinite at " +
