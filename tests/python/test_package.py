@@ -713,6 +713,67 @@ def test_export_and_from_diffusers(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "ddim").glob("*.ddim"))) == 2 and m3.info.tensors_by_dtype
 
 
+# ------------------------------------------------------------------------------------------------------- latent models
+def _latent_files(tmp_path):
+    """Small latent models (a VQModel and an AutoencoderKL decoder) from tests/python/test_latent.py's helpers."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    import ddim_export  # tools/ddim_export, on sys.path through conftest.py
+    from conftest import make_unet
+    from test_latent import LATENT_UNET, export_latent_file, make_kl, make_vq
+
+    unet = make_unet(21, in_channels=4, out_channels=4, **LATENT_UNET)
+    vq = export_latent_file(ddim_export, tmp_path, unet, make_vq(22), "vq.safetensors")
+    kl = export_latent_file(ddim_export, tmp_path, unet, make_kl("kl-shift-attn", 23), "kl.safetensors")
+    return vq, kl
+
+
+def test_latent_model_info_decode_option_and_decode(tmp_path):
+    vq_path, kl_path = _latent_files(tmp_path)
+    vq, kl = ddim.Model(vq_path), ddim.Model(kl_path)
+    i = vq.info
+    assert (i.decoder, i.latent_factor, i.image_channels, i.scaling_factor, i.shift_factor) == ("vq", 2, 3, 0.5, 0.0)
+    assert (i.in_channels, i.height, i.width) == (4, 8, 8) and i.decoder_parameter_count > 0
+    k = kl.info
+    assert (k.decoder, k.latent_factor, k.image_channels) == ("kl", 4, 3)
+    assert k.scaling_factor == pytest.approx(0.3) and k.shift_factor == pytest.approx(0.1)
+    p = ddim.Model(MODEL_PATH).info
+    assert (p.decoder, p.latent_factor, p.image_channels, p.scaling_factor, p.shift_factor,
+            p.decoder_parameter_count) == ("", 1, p.in_channels, 1.0, 0.0, 0)
+
+    for model in (vq, kl):
+        f = model.info.latent_factor
+        on = ddim.Session(model, device="cpu", batch=2, threads=1)
+        off = ddim.Session(model, device="cpu", batch=2, threads=1, decode=False)
+        assert on.shape == off.shape == off.image_shape == (2, 4, 8, 8)
+        assert on.image_shape == (2, 3, 8 * f, 8 * f)
+        assert f"factor {f}" in on.plan_info["decoder"] and off.plan_info["decoder"] == ""
+        assert (on.plan_info["height"], on.plan_info["width"]) == (8, 8)
+        images = on.sample(3, seeds=[9, 2])
+        latents = off.sample(3, seeds=[9, 2])
+        assert images.shape == (2, 3, 8 * f, 8 * f) and images.dtype == np.float32
+        assert latents.shape == (2, 4, 8, 8)
+        decoded = on.decode(latents)
+        assert decoded.shape == (2, 3, 8 * f, 8 * f) and decoded.dtype == np.float32
+        np.testing.assert_array_equal(decoded, images)  # bitwise on the CPU: sample decodes the same latents
+        r = off.sample(3, seeds=[9, 2], trajectory=True)  # trajectory and images in the latent space
+        assert r.trajectory.shape[1:] == (2, 4, 8, 8) and r.images.shape == (2, 4, 8, 8)
+        # errors: decode off, wrong shape or dtype
+        with pytest.raises(ddim.InvalidArgumentError, match="decode=False"):
+            off.decode(latents)
+        with pytest.raises(ddim.InvalidArgumentError, match="latents"):
+            on.decode(latents[:1])
+        with pytest.raises(ddim.InvalidArgumentError, match="latents"):
+            on.decode(np.zeros((2, 3, 8 * f, 8 * f), np.float32))
+        np.testing.assert_array_equal(on.decode(latents.astype(np.float64)), images)  # converted like forward's x
+    with pytest.raises(ddim.InvalidArgumentError, match="multiple of the decoder's factor"):
+        ddim.Session(vq, device="cpu", height=15, width=16)
+    pixel = ddim.Session(ddim.Model(MODEL_PATH), device="cpu")
+    assert pixel.image_shape == pixel.shape and pixel.plan_info["decoder"] == ""
+    with pytest.raises(ddim.InvalidArgumentError, match="not a latent model"):
+        pixel.decode(np.zeros(pixel.shape, np.float32))
+
+
 # ------------------------------------------------------------------------------------------------------- docs
 
 def _run_example(example: str) -> str:

@@ -87,6 +87,19 @@ void bind_model(nb::module_& m) {
               "The unconditional input the file records for guidance (empty when none).")
       .def_ro("tensors_by_dtype", &ddim::ModelInfo::tensors_by_dtype,
               "Tensor count per stored dtype, e.g. {'F32': 120}.")
+      .def_prop_ro("decoder", [](const ddim::ModelInfo& i) { return i.latent.decoder; },
+                   "Latent models: 'vq' (VQModel) or 'kl' (AutoencoderKL); '' for a pixel-space model.")
+      .def_prop_ro("latent_factor", [](const ddim::ModelInfo& i) { return i.is_latent() ? i.latent.factor : 1; },
+                   "Latent models: image height / latent height (1 for a pixel-space model).")
+      .def_prop_ro("image_channels",
+                   [](const ddim::ModelInfo& i) { return i.is_latent() ? i.latent.image_channels : i.in_channels; },
+                   "Channels of the images sample() returns (the decoder's output; in_channels for a pixel model).")
+      .def_prop_ro("scaling_factor", [](const ddim::ModelInfo& i) { return i.is_latent() ? i.latent.scaling_factor : 1.0; },
+                   "Latent models: the decoder's input is latents / scaling_factor + shift_factor (1 otherwise).")
+      .def_prop_ro("shift_factor", [](const ddim::ModelInfo& i) { return i.is_latent() ? i.latent.shift_factor : 0.0; },
+                   "Latent models: see scaling_factor (0 otherwise).")
+      .def_prop_ro("decoder_parameter_count", [](const ddim::ModelInfo& i) { return i.latent.decoder_parameter_count; },
+                   "Latent models: the decoder's weight values (parameter_count is the U-Net's); 0 otherwise.")
       .def("__repr__", [](const ddim::ModelInfo& i) {
         return "ModelInfo(in_channels=" + std::to_string(i.in_channels) + ", out_channels=" +
                std::to_string(i.out_channels) + ", height=" + std::to_string(i.height) + ", width=" +

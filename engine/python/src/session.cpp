@@ -94,10 +94,15 @@ struct PySession {
   int device = 0;
   bool whole_loop_graph = false;
   std::int64_t n = 0, c = 0, c_out = 0, h = 0, w = 0;
+  // What sample() returns per sample: a latent model's decoded image when the session decodes,
+  // else (c, h, w).
+  std::int64_t image_c = 0, image_h = 0, image_w = 0;
+  bool decodes = false;
   std::atomic<bool> busy{false};
 
   bool cuda() const { return session->backend() == ddim::BackendKind::Cuda; }
   std::vector<std::int64_t> batch_shape() const { return {n, c, h, w}; }
+  std::vector<std::int64_t> image_shape() const { return {n, image_c, image_h, image_w}; }
 };
 
 // One Python thread at a time per Session (the C++ Session is not thread-safe, and the GIL is
@@ -276,7 +281,7 @@ void check_device_input(const PySession& s, const InArray& a, const char* what) 
 
 void session_init(PySession* self, const PyModel& model, const std::string& device, int batch, const std::string& precision,
                   std::optional<int> height, std::optional<int> width, int threads, bool profile, bool autotune,
-                  bool whole_loop_graph) {
+                  bool whole_loop_graph, bool decode) {
   ddim::SessionOptions o;
   if (device.rfind("cuda:", 0) == 0) {
     o.backend = ddim::BackendKind::Cuda;
@@ -300,6 +305,7 @@ void session_init(PySession* self, const PyModel& model, const std::string& devi
   o.profile = profile;
   o.autotune = autotune;
   o.whole_loop_graph = whole_loop_graph;
+  o.decode = decode;
   std::unique_ptr<ddim::Session> session;
   {
     nb::gil_scoped_release unlocked;
@@ -317,6 +323,11 @@ void session_init(PySession* self, const PyModel& model, const std::string& devi
   s->w = info.width;
   s->c = model.model->info().in_channels;
   s->c_out = model.model->info().out_channels;
+  const ddim::ModelInfo& mi = model.model->info();
+  s->decodes = mi.is_latent() && !info.decoder.empty();
+  s->image_c = s->decodes ? mi.latent.image_channels : s->c;
+  s->image_h = s->decodes ? s->h * mi.latent.factor : s->h;
+  s->image_w = s->decodes ? s->w * mi.latent.factor : s->w;
 }
 
 // The class-conditioning keyword arguments of sample, invert and forward (ddim::ClassConditioning):
@@ -401,7 +412,7 @@ nb::object sample(PySession& s, int steps, double eta, nb::handle seed_arg, nb::
 #if DDIM_PY_CUDA
   std::unique_ptr<DeviceBuffer> out_buffer;
   if (device_out) {
-    out_buffer = std::make_unique<DeviceBuffer>(std::size_t(s.n * s.c * s.h * s.w) * sizeof(float), s.device);
+    out_buffer = std::make_unique<DeviceBuffer>(std::size_t(s.n * s.image_c * s.image_h * s.image_w) * sizeof(float), s.device);
     o.output_device = out_buffer->ptr;
   }
 #else
@@ -423,9 +434,9 @@ nb::object sample(PySession& s, int steps, double eta, nb::handle seed_arg, nb::
 
   nb::object images;
 #if DDIM_PY_CUDA
-  if (device_out) images = out_buffer->release_as_array(s.batch_shape());
+  if (device_out) images = out_buffer->release_as_array(s.image_shape());
 #endif
-  if (!images.is_valid()) images = to_numpy(std::move(r.images), s.batch_shape());
+  if (!images.is_valid()) images = to_numpy(std::move(r.images), s.image_shape());
   if (!trajectory && !x0) return images;
   auto* res = new PySampleResult();
   res->images = std::move(images);
@@ -561,6 +572,17 @@ nb::object forward(PySession& s, nb::handle x, nb::handle t, nb::handle dump, nb
   return to_numpy(std::move(out), {s.n, s.c_out, s.h, s.w});
 }
 
+// A latent model's decoder alone: latents (N, C, h, w) -> images (N, C_img, f*h, f*w).
+nb::object decode(PySession& s, nb::handle latents) {
+  Busy busy(s);
+  if (!s.model->info().is_latent()) invalid("decode: the model is not a latent model (it has no decoder)");
+  if (!s.decodes) invalid("decode: this Session was created with decode=False (no decoder is planned)");
+  InArray la = import_array(latents, "latents", false);
+  check_shape(la, "latents", s.batch_shape());
+  std::vector<float> out = run_released(nullptr, [&] { return s.session->decode(la.host_span()); });
+  return to_numpy(std::move(out), s.image_shape());
+}
+
 nb::dict plan_info_dict(PySession& s) {
   Busy busy(s);
   const ddim::PlanInfo& i = s.session->plan_info();
@@ -573,6 +595,7 @@ nb::dict plan_info_dict(PySession& s) {
   d["folded_nodes"] = nb::cast(i.folded_nodes);
   d["folded_per_label"] = nb::cast(i.folded_per_label);
   d["forward_batch"] = i.forward_batch;
+  d["decoder"] = i.decoder;
   d["fusions"] = nb::cast(i.fusions);
   d["arena_bytes"] = i.arena_bytes;
   d["unplanned_bytes"] = i.unplanned_bytes;
@@ -625,7 +648,7 @@ void bind_session(nb::module_& m) {
       "keeps its model's data alive: it stays usable after the Model object is deleted.")
       .def("__init__", &session_init, "model"_a, "device"_a = "auto", "batch"_a = 1, "precision"_a = "auto",
            "height"_a = nb::none(), "width"_a = nb::none(), "threads"_a = 0, "profile"_a = false, "autotune"_a = false,
-           "whole_loop_graph"_a = false,
+           "whole_loop_graph"_a = false, "decode"_a = true,
            "Plans `model` for sampling.\n\n"
            "device: 'auto' (CUDA when a usable device exists, else the CPU; plan_info['fallback'] says why the CPU "
            "was chosen despite a device), 'cpu', 'cuda' or 'cuda:N'. batch: samples per call, 1 .. MAX_BATCH. "
@@ -633,7 +656,10 @@ void bind_session(nb::module_& m) {
            "height, width: the sample size (both or neither; default the model's). threads: CPU worker threads "
            "(0: all cores). profile (CUDA): every step eagerly, one NVTX range per node. autotune (CUDA): time "
            "cuDNN's engines at plan time. whole_loop_graph (CUDA): all steps as one CUDA graph when no progress "
-           "callback is given (Ctrl-C is then noticed only after the call). The GIL is released while planning.")
+           "callback is given (Ctrl-C is then noticed only after the call). Latent models: height and width are the "
+           "decoded image's pixels (multiples of the decoder's factor); decode=True: sample() returns the decoded "
+           "images, decode=False: no decoder is planned and sample() returns the latents (ignored for pixel "
+           "models). The GIL is released while planning.")
       .def("sample", &sample, "steps"_a = 50, nb::kw_only(), "eta"_a = 0.0, "seed"_a = 0, "seeds"_a = nb::none(),
            "x_T"_a = nb::none(), "noise"_a = nb::none(), "spacing"_a = nb::none(), "timesteps"_a = nb::none(),
            "clip_sample"_a = nb::none(), "set_alpha_to_one"_a = nb::none(), "steps_offset"_a = nb::none(),
@@ -751,20 +777,36 @@ void bind_session(nb::module_& m) {
           "steps_offset"_a = nb::none(),
           "The timesteps sample() visits for these options, without sampling (their count S sizes noise "
           "(S, N, C, H, W), trajectory (S + 1, ...) and x0 (S, ...)).")
+      .def("decode", &decode, "latents"_a,
+           nb::sig("def decode(self, latents: object) -> numpy.typing.NDArray[numpy.float32]"),
+           (std::string("Latent models (a Session with decode=True): the decoder alone on latents (N, C, h, w) "
+                        "(the session's shape) into images (N, C_img, f*h, f*w) (image_shape), as sample() decodes "
+                        "its final latents: z = latents / scaling_factor + shift_factor, then the decoder. Raises "
+                        "InvalidArgumentError for a pixel-space model or a Session with decode=False. The GIL is "
+                        "released while it runs.") +
+            kArrayNote)
+               .c_str())
       .def_prop_ro("plan_info", &plan_info_dict,
                    nb::sig("def plan_info(self) -> dict[str, object]"),
                    "The plan as a dict: backend ('cpu' or 'cuda:0 (device name)'), precision, batch, height, width, "
                    "folded_nodes, folded_per_label (class-conditional models: folded per step and label), "
                    "forward_batch (the samples the plan holds), fusions, arena_bytes, unplanned_bytes, weight_bytes, "
                    "forward_flops, warnings, "
-                   "fallback (why device='auto' chose the CPU although a CUDA device exists).")
+                   "fallback (why device='auto' chose the CPU although a CUDA device exists), decoder (latent "
+                   "models: the decoder's plan in one line; '' when none is planned). height and width are the "
+                   "sampled space's (a latent model's latents).")
       .def_prop_ro(
           "backend", [](PySession& s) { return std::string(ddim::to_string(s.session->backend())); },
           "'cpu' or 'cuda'.")
       .def_prop_ro(
           "shape", [](PySession& s) { return nb::make_tuple(s.n, s.c, s.h, s.w); },
           nb::sig("def shape(self) -> tuple[int, int, int, int]"),
-          "(N, C, H, W) of one batch: the shape of x_T, x0 and the images.")
+          "(N, C, H, W) of one batch: the shape of x_T, x0, trajectory and forward's x (a latent model's latents).")
+      .def_prop_ro(
+          "image_shape", [](PySession& s) { return nb::make_tuple(s.n, s.image_c, s.image_h, s.image_w); },
+          nb::sig("def image_shape(self) -> tuple[int, int, int, int]"),
+          "(N, C, H, W) of the images sample() returns: a latent model's decoded images when the session decodes, "
+          "else the same as shape.")
       .def_prop_ro(
           "model", [](PySession& s) { return PyModel{s.model, s.model_name}; },
           "The Model this session was planned from.")
