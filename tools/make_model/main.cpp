@@ -16,7 +16,8 @@ namespace {
 
 void usage(FILE* f) {
   std::fprintf(f,
-               "usage: ddim-make-model --preset tiny|small|cifar10-32|celebahq-256|ldm-celebahq-256 --out FILE [--seed 0]\n"
+               "usage: ddim-make-model --preset tiny|small|cifar10-32|celebahq-256|ldm-celebahq-256|ldm-tiny|ldm-tiny-kl\n"
+               "                       --out FILE [--seed 0]\n"
                "                       [--dtype f32|f16|bf16] [--train-timesteps 1000]\n"
                "                       [--class index|scalar|vector] [--num-classes 10] [--record-null]\n"
                "  Writes a ddim model file with random weights (PyTorch's default init scale) and a linear\n"
@@ -28,6 +29,8 @@ void usage(FILE* f) {
                "  ldm-celebahq-256: the CompVis/ldm-celebahq-256 latent model: U-Net on 64x64x3 latents and the\n"
                "               VQModel decoder (8192-entry codebook) to 256x256 RGB, its scaled_linear schedule\n"
                "               (0.0015 .. 0.0195); format version 2\n"
+               "  ldm-tiny, ldm-tiny-kl: small latent models for tests: U-Net on 4x8x6 latents, a VQModel (kl:\n"
+               "               AutoencoderKL, shift_factor 0.25) decoder of factor 2 to 16x12 RGB, scaling_factor 0.5\n"
                "  --class makes a class-conditional model (diffusers' num_class_embeds, class_embed_type \"timestep\" or\n"
                "  \"identity\"); --record-null records the unconditional input for guidance (index: the last class,\n"
                "  scalar: 0, vector: zeros).\n");
@@ -105,16 +108,37 @@ int main(int argc, char** argv) {
     usage(stderr);
     return 2;
   }
-  if (preset == "ldm-celebahq-256") {
+  if (preset == "ldm-celebahq-256" || preset == "ldm-tiny" || preset == "ldm-tiny-kl") {
     try {
-      const ddim::graph::UNetConfig u = ddim::graph::ldm_celebahq256_unet();
-      const ddim::graph::DecoderConfig d = ddim::graph::DecoderConfig::ldm_celebahq256();
-      ddim::ScheduleConfig schedule = ddim::graph::ldm_celebahq256_schedule();
+      const bool tiny = preset != "ldm-celebahq-256";
+      ddim::graph::UNetConfig u = tiny ? ddim::graph::UNetConfig{} : ddim::graph::ldm_celebahq256_unet();
+      ddim::graph::DecoderConfig d = tiny ? ddim::graph::DecoderConfig{} : ddim::graph::DecoderConfig::ldm_celebahq256();
+      ddim::ScheduleConfig schedule = tiny ? ddim::ScheduleConfig{} : ddim::graph::ldm_celebahq256_schedule();
+      if (tiny) {  // 4-channel 8x6 latents, a decoder of factor 2: 16x12 RGB images (for tests)
+        u.sample_height = d.latent_height = 8;
+        u.sample_width = d.latent_width = 6;
+        u.in_channels = u.out_channels = d.latent_channels = 4;
+        u.block_out_channels = {16, 32};
+        u.down_attention = {false, true};
+        u.layers_per_block = 1;
+        u.attention_head_dim = 8;
+        u.norm_num_groups = 8;
+        const bool vq = preset == "ldm-tiny";
+        d.decoder = vq ? "vq" : "kl";
+        d.component = vq ? "vqvae" : "vae";
+        d.decoder_in_channels = vq ? 3 : 4;
+        d.num_vq_embeddings = 32;
+        d.block_out_channels = {8, 16};
+        d.layers_per_block = 1;
+        d.norm_num_groups = 4;
+        d.scaling_factor = 0.5;
+        if (!vq) d.shift_factor = 0.25;
+      }
       schedule.num_train_timesteps = train_timesteps;
       ddim::format::write_file(out, ddim::graph::make_random_latent_model_file(u, d, schedule, seed, dtype));
-      std::printf("wrote %s (%s, U-Net %lld + VQ decoder %lld parameters, random weights, seed %llu)\n", out.c_str(),
+      std::printf("wrote %s (%s, U-Net %lld + %s decoder %lld parameters, random weights, seed %llu)\n", out.c_str(),
                   preset.c_str(), static_cast<long long>(ddim::graph::build_unet2d(u).parameter_count()),
-                  static_cast<long long>(ddim::graph::build_decoder(d).parameter_count()), static_cast<unsigned long long>(seed));
+                  d.decoder == "vq" ? "VQ" : "KL", static_cast<long long>(ddim::graph::build_decoder(d).parameter_count()), static_cast<unsigned long long>(seed));
     } catch (const std::exception& e) {
       std::fprintf(stderr, "ddim-make-model: error: %s\n", e.what());
       return 1;
@@ -136,7 +160,7 @@ int main(int argc, char** argv) {
   } else if (preset == "celebahq-256") {
     c = ddim::graph::UNetConfig::celebahq256();
   } else {
-    std::fprintf(stderr, "ddim-make-model: error: unknown preset '%s' (tiny, small, cifar10-32, celebahq-256, ldm-celebahq-256)\n", preset.c_str());
+    std::fprintf(stderr, "ddim-make-model: error: unknown preset '%s' (tiny, small, cifar10-32, celebahq-256, ldm-celebahq-256, ldm-tiny, ldm-tiny-kl)\n", preset.c_str());
     return 2;
   }
   using ddim::graph::ClassKind;
