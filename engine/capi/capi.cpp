@@ -201,6 +201,23 @@ std::size_t sample_elements(const ddim::Session& s) {
 }
 std::size_t batch_of(const ddim::Session& s) { return static_cast<std::size_t>(s.plan_info().batch); }
 
+// What sample() returns per sample: a latent model's decoded image (C_img, f*h, f*w) when the
+// session planned its decoder, else the sampled space.
+struct ImageShape {
+  int c, h, w;
+};
+ImageShape image_shape(const ddim::Session& s) {
+  const auto& p = s.plan_info();
+  const ddim::ModelInfo& i = s.model().info();
+  if (i.is_latent() && !p.decoder.empty())
+    return {i.latent.image_channels, p.height * i.latent.factor, p.width * i.latent.factor};
+  return {i.in_channels, p.height, p.width};
+}
+std::size_t image_elements(const ddim::Session& s) {
+  const ImageShape d = image_shape(s);
+  return product({static_cast<std::size_t>(d.c), static_cast<std::size_t>(d.h), static_cast<std::size_t>(d.w)}, "image");
+}
+
 // ddim_class_conditioning (NULL: the defaults) -> ClassConditioning.
 ddim::ClassConditioning conditioning_of(const ddim_class_conditioning* in) {
   const ddim_class_conditioning c = read_struct(in, ddim_class_conditioning_init, "ddim_class_conditioning");
@@ -360,6 +377,12 @@ ddim_status ddim_model_get_info(const ddim_model* model, ddim_model_info* info) 
     c.num_classes = i.num_classes;
     c.class_dim = i.class_dim;
     c.has_null = !i.null_class.empty();
+    c.decoder = i.latent.decoder == "vq" ? DDIM_DECODER_VQ : i.latent.decoder == "kl" ? DDIM_DECODER_KL : DDIM_DECODER_NONE;
+    c.latent_factor = i.is_latent() ? i.latent.factor : 1;
+    c.image_channels = i.is_latent() ? i.latent.image_channels : i.in_channels;
+    c.scaling_factor = i.is_latent() ? i.latent.scaling_factor : 1.0;
+    c.shift_factor = i.is_latent() ? i.latent.shift_factor : 0.0;
+    c.decoder_parameter_count = i.latent.decoder_parameter_count;
     write_struct(require(info, "info"), c, "ddim_model_info");
   });
 }
@@ -440,6 +463,7 @@ void ddim_session_options_init(ddim_session_options* options) {
   options->profile = d.profile;
   options->autotune = d.autotune;
   options->whole_loop_graph = d.whole_loop_graph;
+  options->decode = d.decode;
 }
 
 ddim_status ddim_session_create(ddim_model* model, const ddim_session_options* options, ddim_session** out) {
@@ -459,6 +483,7 @@ ddim_status ddim_session_create(ddim_model* model, const ddim_session_options* o
     o.profile = c.profile != 0;
     o.autotune = c.autotune != 0;
     o.whole_loop_graph = c.whole_loop_graph != 0;
+    o.decode = c.decode != 0;
     auto s = std::make_unique<ddim_session>();
     // The session holds the model (a shared_ptr): releasing the ddim_model does not end it.
     s->session = ddim::Session::create(model->model, o);
@@ -482,6 +507,17 @@ ddim_status ddim_session_get_shape(const ddim_session* session, int* n, int* c, 
     if (h) *h = p.height;
     if (w) *w = p.width;
     if (out_c) *out_c = s.model().info().out_channels;
+  });
+}
+
+ddim_status ddim_session_get_image_shape(const ddim_session* session, int* n, int* c, int* h, int* w) {
+  return guarded([&] {
+    const ddim::Session& s = session_of(session);
+    const ImageShape d = image_shape(s);
+    if (n) *n = s.plan_info().batch;
+    if (c) *c = d.c;
+    if (h) *h = d.h;
+    if (w) *w = d.w;
   });
 }
 
@@ -521,6 +557,7 @@ ddim_status ddim_session_get_plan_info(ddim_session* session, ddim_plan_info* in
     c.folded_per_label = session->folded_per_label.data();
     c.folded_per_label_count = session->folded_per_label.size();
     c.forward_batch = p.forward_batch;
+    c.decoder = p.decoder.c_str();
     write_struct(info, c, "ddim_plan_info");
   });
 }
@@ -562,7 +599,7 @@ ddim_status ddim_session_sample(ddim_session* session, const ddim_sample_options
     if (o.output_device) {
       if (images || image_count) invalid("images must be NULL (count 0) when options.output_device is set");
     } else {
-      check_output(images, image_count, product({N, E}, "images"), "images");
+      check_output(images, image_count, product({N, image_elements(s)}, "images"), "images");
     }
     if (c.trajectory || c.trajectory_count) check_output(c.trajectory, c.trajectory_count, product({S + 1, N, E}, "trajectory"), "options.trajectory");
     if (c.x0 || c.x0_count) check_output(c.x0, c.x0_count, product({S, N, E}, "x0"), "options.x0");
@@ -695,6 +732,34 @@ ddim_status ddim_session_forward_conditioned(ddim_session* session, const float*
       r = s.forward(xs, ts, cond);
     }
     copy_out(r, out);
+  });
+}
+
+ddim_status ddim_session_decode(ddim_session* session, const float* latents, size_t latent_count, float* images,
+                                size_t image_count, ddim_node_fn dump, void* user) {
+  return guarded([&] {
+    ddim::Session& s = session_of(session);
+    const ddim::ModelInfo& i = s.model().info();
+    if (!i.is_latent()) invalid("ddim_session_decode: the model is not a latent model (it has no decoder)");
+    if (s.plan_info().decoder.empty())
+      invalid("ddim_session_decode: this session was created with decode 0 (ddim_session_options.decode): no decoder is planned");
+    require(latents, "latents");
+    const std::size_t N = batch_of(s);
+    const std::size_t expected = product({N, sample_elements(s)}, "latents");
+    if (latent_count != expected)
+      invalid("latents has " + std::to_string(latent_count) + " floats; the session's (N, C, h, w) latents are " +
+              std::to_string(expected));
+    check_output(images, image_count, product({N, image_elements(s)}, "images"), "images");
+    const std::span<const float> zs(latents, latent_count);
+    std::vector<float> r;
+    if (dump) {
+      r = s.decode(zs, [dump, user](const std::string& node, const std::vector<std::int64_t>& shape, std::span<const float> values) {
+        dump(user, node.c_str(), shape.data(), shape.size(), values.data(), values.size());
+      });
+    } else {
+      r = s.decode(zs);
+    }
+    copy_out(r, images);
   });
 }
 

@@ -2,13 +2,14 @@
  * bitwise equal to the C++ API (the installed `ddim` tool, which is a C++ API program, wrote the
  * reference .npy files; tests/c/run_c_test.cmake runs it first).
  *
- * usage: ddim_c_api_test MODEL T20_MODEL REF_DIR WORK_DIR
+ * usage: ddim_c_api_test MODEL T20_MODEL REF_DIR WORK_DIR [CLASS_MODEL [LATENT_MODEL]]
  *   MODEL      weights/default.ddim (1x32x32)
  *   T20_MODEL  a tiny random model with 20 training timesteps (DDPM in 20 steps)
  *   REF_DIR    sample.npy trajectory.npy x0.npy (--seeds 9,2,5 --steps 6 --eta 0.5),
  *              ddpm.npy (T20_MODEL, --seed 4 --batch 2), invert.npy invert_trajectory.npy
  *              (sample.npy, --steps 5), forward.npy (sample.npy at t = 500)
- *   WORK_DIR   scratch files */
+ *   WORK_DIR   scratch files
+ *   CLASS_MODEL, LATENT_MODEL (optional): see the class-conditional and latent-model sections */
 #include <ddim/ddim.h>
 
 #include <math.h>
@@ -212,6 +213,149 @@ static void* sampling_thread(void* arg) {
 
 /* ------------------------------------------------------------------ the test */
 
+/* ------------------------------------------------------------------ latent models */
+
+/* A latent model (ddim-make-model --preset ldm-tiny: 4x8x6 latents, a VQ decoder of factor 2 to
+   3x16x12 images, scaling_factor 0.5) through the C API: the model info, the session's decode
+   option, ddim_session_decode against sample's own decoding (bitwise on the CPU) and the ddim
+   tool's images (ref/latent_sample.npy: --seeds 9,2 --steps 4), and the errors. pixel: a pixel-space
+   model. */
+static void test_latent(const char* path, const char* ref_dir, ddim_model* pixel) {
+  ddim_model* lm = NULL;
+  ddim_session *on = NULL, *off = NULL, *ps = NULL;
+  ddim_model_info li, old;
+  ddim_session_options so;
+  ddim_sample_options o;
+  ddim_plan_info plan;
+  uint64_t seeds[2] = {9, 2};
+  int n = 0, c = 0, h = 0, w = 0, in = 0, ic = 0, ih = 0, iw = 0;
+  size_t LE = 4 * 8 * 6, IE = 3 * 16 * 12;
+  float *latents = (float*)calloc(2 * LE, sizeof(float)), *images = (float*)calloc(2 * IE, sizeof(float));
+  float *decoded = (float*)calloc(2 * IE, sizeof(float));
+  array ref = read_npy(ref_dir, "latent_sample.npy");
+  dump_state dump;
+
+  OK(ddim_model_load(path, &lm));
+  memset(&li, 0, sizeof li);
+  li.struct_size = sizeof li;
+  OK(ddim_model_get_info(lm, &li));
+  CHECK(li.format_version == 2 && li.in_channels == 4 && li.height == 8 && li.width == 6);
+  CHECK(li.decoder == DDIM_DECODER_VQ && li.latent_factor == 2 && li.image_channels == 3);
+  CHECK(li.scaling_factor == 0.5 && li.shift_factor == 0.0 && li.decoder_parameter_count > 0);
+  /* A caller built before the latent fields: they are not written. */
+  memset(&old, 0x5a, sizeof old);
+  old.struct_size = offsetof(ddim_model_info, decoder);
+  OK(ddim_model_get_info(lm, &old));
+  CHECK(old.has_null == 0 && old.decoder == 0x5a5a5a5a && old.latent_factor == 0x5a5a5a5a);
+  /* A pixel-space model's latent fields. */
+  {
+    ddim_model_info pi;
+    memset(&pi, 0, sizeof pi);
+    pi.struct_size = sizeof pi;
+    OK(ddim_model_get_info(pixel, &pi));
+    CHECK(pi.decoder == DDIM_DECODER_NONE && pi.latent_factor == 1 && pi.image_channels == pi.in_channels &&
+          pi.scaling_factor == 1.0 && pi.shift_factor == 0.0 && pi.decoder_parameter_count == 0);
+  }
+
+  ddim_session_options_init(&so);
+  CHECK(so.decode == 1);
+  so.backend = DDIM_BACKEND_CPU;
+  so.batch = 2;
+  so.threads = 1;
+  OK(ddim_session_create(lm, &so, &on));
+  so.decode = 0;
+  OK(ddim_session_create(lm, &so, &off));
+  if (on && off) {
+    /* Shapes: the sampled space is the latents; sample writes images (decode on) or latents. */
+    OK(ddim_session_get_shape(on, &n, &c, &h, &w, NULL));
+    CHECK(n == 2 && c == 4 && h == 8 && w == 6);
+    OK(ddim_session_get_image_shape(on, &in, &ic, &ih, &iw));
+    CHECK(in == 2 && ic == 3 && ih == 16 && iw == 12);
+    OK(ddim_session_get_image_shape(off, &in, &ic, &ih, &iw));
+    CHECK(in == 2 && ic == 4 && ih == 8 && iw == 6);
+    memset(&plan, 0, sizeof plan);
+    plan.struct_size = sizeof plan;
+    OK(ddim_session_get_plan_info(on, &plan));
+    CHECK(plan.decoder != NULL && strstr(plan.decoder, "VQModel") != NULL && plan.height == 8 && plan.width == 6);
+    OK(ddim_session_get_plan_info(off, &plan));
+    CHECK(plan.decoder != NULL && plan.decoder[0] == '\0');
+
+    ddim_sample_options_init(&o);
+    o.steps = 4;
+    o.seeds = seeds;
+    o.seed_count = 2;
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "images holds", ddim_session_sample(on, &o, images, 2 * LE));
+    OK(ddim_session_sample(on, &o, images, 2 * IE));
+    CHECK(same_bits(images, 2 * IE, ref));
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "images holds", ddim_session_sample(off, &o, latents, 2 * LE - 1));
+    OK(ddim_session_sample(off, &o, latents, 2 * LE));
+    /* Decoding the decode-off session's latents gives sample's images, bitwise. */
+    OK(ddim_session_decode(on, latents, 2 * LE, decoded, 2 * IE, NULL, NULL));
+    CHECK(memcmp(decoded, images, 2 * IE * sizeof(float)) == 0);
+    memset(&dump, 0, sizeof dump);
+    OK(ddim_session_decode(on, latents, 2 * LE, decoded, 2 * IE, on_node, &dump));
+    CHECK(dump.nodes > 0 && dump.bad_shapes == 0 && strncmp(dump.last, "vqvae", 5) == 0);
+    CHECK(memcmp(decoded, images, 2 * IE * sizeof(float)) == 0);
+
+    /* Errors: sizes, NULLs, decode off, a pixel-space model. */
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "latents has", ddim_session_decode(on, latents, 2 * LE - 1, decoded, 2 * IE, NULL, NULL));
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "latents has", ddim_session_decode(on, latents, 2 * LE + 1, decoded, 2 * IE, NULL, NULL));
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "images holds", ddim_session_decode(on, latents, 2 * LE, decoded, 2 * IE - 1, NULL, NULL));
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "latents is NULL", ddim_session_decode(on, NULL, 0, decoded, 2 * IE, NULL, NULL));
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "images is NULL", ddim_session_decode(on, latents, 2 * LE, NULL, 0, NULL, NULL));
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "decode 0", ddim_session_decode(off, latents, 2 * LE, decoded, 2 * IE, NULL, NULL));
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "session is NULL", ddim_session_decode(NULL, latents, 2 * LE, decoded, 2 * IE, NULL, NULL));
+  }
+  /* An older caller's ddim_session_options (before decode): the default, decode on. */
+  {
+    ddim_session* os = NULL;
+    ddim_session_options_init(&so);
+    so.backend = DDIM_BACKEND_CPU;
+    so.decode = 0; /* beyond the old struct_size: not read */
+    so.struct_size = offsetof(ddim_session_options, decode);
+    OK(ddim_session_create(lm, &so, &os));
+    if (os) {
+      OK(ddim_session_get_image_shape(os, &in, &ic, &ih, &iw));
+      CHECK(in == 1 && ic == 3 && ih == 16 && iw == 12);
+    }
+    ddim_session_release(os);
+  }
+  /* Pixel sizes that are not a multiple of the factor. */
+  ddim_session_options_init(&so);
+  so.backend = DDIM_BACKEND_CPU;
+  so.height = 15;
+  so.width = 12;
+  {
+    ddim_session* bad = NULL;
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "factor", ddim_session_create(lm, &so, &bad));
+    CHECK(bad == NULL);
+  }
+  /* A pixel-space model has no decoder; its image shape is its sample shape. */
+  ddim_session_options_init(&so);
+  so.backend = DDIM_BACKEND_CPU;
+  OK(ddim_session_create(pixel, &so, &ps));
+  if (ps) {
+    int pc = 0, ph = 0, pw = 0;
+    OK(ddim_session_get_shape(ps, NULL, &pc, &ph, &pw, NULL));
+    OK(ddim_session_get_image_shape(ps, &in, &ic, &ih, &iw));
+    CHECK(in == 1 && ic == pc && ih == ph && iw == pw);
+    memset(&plan, 0, sizeof plan);
+    plan.struct_size = sizeof plan;
+    OK(ddim_session_get_plan_info(ps, &plan));
+    CHECK(plan.decoder != NULL && plan.decoder[0] == '\0');
+    FAILS(DDIM_ERR_INVALID_ARGUMENT, "not a latent model",
+          ddim_session_decode(ps, decoded, (size_t)(pc * ph * pw), decoded, 2 * IE, NULL, NULL));
+  }
+  ddim_session_release(ps);
+  ddim_session_release(on);
+  ddim_session_release(off);
+  ddim_model_release(lm);
+  free(latents);
+  free(images);
+  free(decoded);
+  free(ref.data);
+}
+
 int main(int argc, char** argv) {
   const char *model_path, *t20_path, *ref_dir, *work_dir;
   char path[4096];
@@ -230,8 +374,8 @@ int main(int argc, char** argv) {
   float *images, *trajectory, *x0, *one;
   array ref_sample, ref_trajectory, ref_x0;
 
-  if (argc != 5 && argc != 6) {
-    fprintf(stderr, "usage: %s MODEL T20_MODEL REF_DIR WORK_DIR [CLASS_MODEL]\n", argv[0]);
+  if (argc < 5 || argc > 7) {
+    fprintf(stderr, "usage: %s MODEL T20_MODEL REF_DIR WORK_DIR [CLASS_MODEL [LATENT_MODEL]]\n", argv[0]);
     return 2;
   }
   model_path = argv[1];
@@ -778,7 +922,7 @@ int main(int argc, char** argv) {
 
   /* ---- class-conditional models: labels and guidance through ddim_class_conditioning, bitwise
      against the ddim tool (ref/cc_sample.npy, ref/cc_forward.npy from run_c_test.cmake) */
-  if (argc == 6) {
+  if (argc >= 6) {
     ddim_model* cc = NULL;
     ddim_session* cs = NULL;
     ddim_model_info ci;
@@ -866,6 +1010,8 @@ int main(int argc, char** argv) {
   ddim_session_release(lone);
   ddim_session_release(ddpm_session);
   ddim_session_release(NULL);
+  /* ---- latent models (ref/latent_sample.npy from run_c_test.cmake) */
+  if (argc == 7) test_latent(argv[6], ref_dir, t20);
   ddim_model_release(t20);
   ddim_model_release(NULL);
   CHECK(ddim_model_retain(NULL) == NULL);

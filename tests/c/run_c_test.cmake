@@ -56,5 +56,9 @@ run(${ddim} sample --model ${WORK_DIR}/cc.ddim --device cpu --threads 1 --steps 
 run(${ddim} forward --model ${WORK_DIR}/cc.ddim --device cpu --threads 1 --x ${ref}/cc_sample.npy --t 500 --class-labels 3,7
     --guidance-scale 2.5 --out ${ref}/cc_forward.npy)
 
-run(${WORK_DIR}/build/ddim_c_api_test ${MODEL} ${WORK_DIR}/t20.ddim ${ref} ${WORK_DIR}/scratch ${WORK_DIR}/cc.ddim)
+run(${MAKE_MODEL} --preset ldm-tiny --seed 6 --out ${WORK_DIR}/ldm.ddim)
+run(${ddim} sample --model ${WORK_DIR}/ldm.ddim --device cpu --threads 1 --steps 4 --seeds 9,2 --out ${ref}/latent_sample.npy)
+
+run(${WORK_DIR}/build/ddim_c_api_test ${MODEL} ${WORK_DIR}/t20.ddim ${ref} ${WORK_DIR}/scratch ${WORK_DIR}/cc.ddim
+    ${WORK_DIR}/ldm.ddim)
 run(${WORK_DIR}/build/readme_example ${MODEL})

@@ -132,8 +132,21 @@ typedef struct ddim_model_info {
   int num_classes;
   int class_dim;
   int has_null;
+  /* Latent models (format version 2; README "Latent models (LDM)"): the U-Net samples latents of
+     (in_channels, height, width) and a decoder (DDIM_DECODER_VQ: VQModel, DDIM_DECODER_KL:
+     AutoencoderKL) turns them into images of (image_channels, factor * height, factor * width);
+     its input is latents / scaling_factor + shift_factor. A pixel-space model: DDIM_DECODER_NONE,
+     latent_factor 1, image_channels = in_channels, scaling_factor 1, shift_factor 0.
+     decoder_parameter_count: the decoder's weight values (parameter_count is the U-Net's). */
+  int decoder;
+  int latent_factor;
+  int image_channels;
+  double scaling_factor;
+  double shift_factor;
+  int64_t decoder_parameter_count;
 } ddim_model_info;
 enum { DDIM_CLASS_NONE = 0, DDIM_CLASS_INDEX = 1, DDIM_CLASS_SCALAR = 2, DDIM_CLASS_VECTOR = 3 };
+enum { DDIM_DECODER_NONE = 0, DDIM_DECODER_VQ = 1, DDIM_DECODER_KL = 2 };
 DDIM_C_API ddim_status ddim_model_get_info(const ddim_model* model, ddim_model_info* info);
 /* The human-readable architecture summary (`ddim info`): writes min(length + 1, capacity) bytes,
    NUL-terminated when capacity > 0 (truncated to fit); *length (may be NULL) receives the full
@@ -181,15 +194,23 @@ typedef struct ddim_session_options {
   int profile;          /* CUDA: eager steps with an NVTX range per node */
   int autotune;         /* CUDA: time every cuDNN engine at plan time */
   int whole_loop_graph; /* CUDA: every step of a sample in one CUDA graph */
+  /* Latent models: height and width are the decoded image's pixels (multiples of the decoder's
+     factor). decode (default 1): ddim_session_sample decodes the final latents into images;
+     0: no decoder is planned and it returns the latents. Ignored for pixel-space models. */
+  int decode;
 } ddim_session_options;
 DDIM_C_API void ddim_session_options_init(ddim_session_options* options);
 /* Plans the model for one batch size, precision and sample size. options NULL: the defaults.
    The session holds a reference to the model. */
 DDIM_C_API ddim_status ddim_session_create(ddim_model* model, const ddim_session_options* options, ddim_session** out);
 DDIM_C_API void ddim_session_release(ddim_session* session); /* NULL: nothing */
-/* The shape of one call: images (n, c, h, w) and the model output's channels out_c (forward);
-   the backend actually used (DDIM_BACKEND_CPU or DDIM_BACKEND_CUDA). Any pointer may be NULL. */
+/* The shape of one call: the sampled space (n, c, h, w) (x_T, trajectory, x0, forward, invert;
+   a latent model's latents) and the model output's channels out_c (forward); the backend actually
+   used (DDIM_BACKEND_CPU or DDIM_BACKEND_CUDA). Any pointer may be NULL. */
 DDIM_C_API ddim_status ddim_session_get_shape(const ddim_session* session, int* n, int* c, int* h, int* w, int* out_c);
+/* The images ddim_session_sample writes (n, c, h, w): a latent model's decoded images when the
+   session decodes, else the same as ddim_session_get_shape. Any pointer may be NULL. */
+DDIM_C_API ddim_status ddim_session_get_image_shape(const ddim_session* session, int* n, int* c, int* h, int* w);
 DDIM_C_API ddim_status ddim_session_get_backend(const ddim_session* session, int* backend);
 
 typedef struct ddim_plan_info {
@@ -207,6 +228,9 @@ typedef struct ddim_plan_info {
      the memory plan holds (2 x batch: guidance's conditional and null halves; else the batch). */
   const char* const* folded_per_label; size_t folded_per_label_count;
   int forward_batch;
+  /* Latent models: the decoder's plan in one line ("" when none is planned: a pixel-space model
+     or decode 0); its arena is not in arena_bytes. height and width above are the latents'. */
+  const char* decoder;
 } ddim_plan_info;
 /* The strings point into the session: valid until its next call (or release). */
 DDIM_C_API ddim_status ddim_session_get_plan_info(ddim_session* session, ddim_plan_info* info);
@@ -328,6 +352,13 @@ DDIM_C_API ddim_status ddim_session_forward_conditioned(ddim_session* session, c
                                                         const int* t, size_t t_count,
                                                         const ddim_class_conditioning* conditioning, float* out,
                                                         size_t out_count, ddim_node_fn dump, void* user);
+
+/* A latent model's decoder alone (a session created with decode 1): latents (N, C, h, w) of the
+   session's batch and latent size (ddim_session_get_shape) into images (ddim_session_get_image_shape),
+   as ddim_session_sample decodes its final latents. A pixel-space model or a session with decode 0:
+   DDIM_ERR_INVALID_ARGUMENT. dump may be NULL (else every decoder node's output). */
+DDIM_C_API ddim_status ddim_session_decode(ddim_session* session, const float* latents, size_t latent_count,
+                                           float* images, size_t image_count, ddim_node_fn dump, void* user);
 
 /* ---- CUDA sessions in the caller's GPU pipeline (a CPU session: DDIM_ERR_INVALID_ARGUMENT) */
 /* Every later call of the session enqueues its work on `cuda_stream` (a cudaStream_t of the
