@@ -280,6 +280,31 @@ def test_engine_batches_by_settings_and_isolates_failures(model, refs):
         engine.close()
 
 
+def test_engine_serves_a_latent_model_decoded(tmp_path):
+    """A latent model (ddim-make-model --preset ldm-tiny: 4x8x6 latents, a VQ decoder of factor 2 to 16x12 RGB):
+    the engine's shape is the decoded images' (PNG takes their 3 channels), and the served images are bitwise the
+    direct decoded samples."""
+    maker = Path(os.environ.get("DDIM_BIN", REPO / "build" / "bin" / "ddim")).with_name("ddim-make-model")
+    if not maker.is_file():
+        pytest.skip(f"{maker} is not built")
+    path = tmp_path / "ldm-tiny.ddim"
+    subprocess.run([str(maker), "--preset", "ldm-tiny", "--seed", "3", "--out", str(path)], check=True,
+                   capture_output=True, timeout=120)
+    latent = ddim.Model(str(path))
+    engine = core.Engine(latent, max_batch=2, label="l")
+    try:
+        assert engine.shape == (3, 16, 12)
+        r = core.parse_request({"seeds": [7, 8], "steps": STEPS, "format": "png"}, core.Limits(),
+                               ddim.Scheduler(latent.schedule), engine.shape[0], latent.schedule)
+        result = engine.submit([core.WorkItem(r, r.seeds)])[0].result(timeout=120)
+        assert result.error is None and result.images.shape == (2, 3, 16, 12)
+        direct = ddim.Session(latent, device="cpu", threads=1)
+        for img, s in zip(result.images, r.seeds):
+            assert np.array_equal(img, direct.sample(STEPS, seed=s)[0]), s
+    finally:
+        engine.close()
+
+
 def test_engine_padding_keeps_images(model, refs):
     """partial="pad": 3 images run as one call of 4 (one padding image, dropped); the images are bitwise the
     direct ones (on the CPU an image depends on its own seed only)."""

@@ -329,7 +329,10 @@ class Engine:
         self.max_batch = max_batch
         self.label = label
         info = model.info
-        self.shape = (info.in_channels, info.height, info.width)
+        # The images a request gets: a latent model's decoded images (its sessions decode), else the samples.
+        factor = info.latent_factor if info.decoder else 1
+        channels = info.image_channels if info.decoder else info.in_channels
+        self.shape = (channels, info.height * factor, info.width * factor)
         self._factory = session_factory or self._make_session
         self._sessions: Dict[int, Any] = {}  # batch size -> Session; touched on the worker thread only
         self._lock = threading.Lock()
